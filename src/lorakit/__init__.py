@@ -1,0 +1,51 @@
+"""lorakit: LoRA and QLoRA fine-tuning of causal language models, in the PEFT on-disk format."""
+
+from .adapters import (
+    TrainableReport,
+    active_adapters,
+    delete_adapter,
+    disable_adapter,
+    mark_only_adapters_trainable,
+    merge_adapter,
+    print_trainable_parameters,
+    set_adapter,
+    trainable_parameters,
+    unmerge_adapter,
+)
+from .config import LoraConfig
+from .inject import adapter_configs, add_adapter, lora_layers, merge_and_unload, unload
+from .layer import LoraLinear
+from .merge import MergeReport, save_merged, verify_merge
+from .models import EMBEDDED_NAME, load_model
+from .peft_format import adapter_state_dict, from_pretrained, load_adapter, save_adapter
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "EMBEDDED_NAME",
+    "LoraConfig",
+    "LoraLinear",
+    "MergeReport",
+    "TrainableReport",
+    "active_adapters",
+    "adapter_configs",
+    "adapter_state_dict",
+    "add_adapter",
+    "delete_adapter",
+    "disable_adapter",
+    "from_pretrained",
+    "load_adapter",
+    "load_model",
+    "lora_layers",
+    "mark_only_adapters_trainable",
+    "merge_adapter",
+    "merge_and_unload",
+    "print_trainable_parameters",
+    "save_adapter",
+    "save_merged",
+    "set_adapter",
+    "trainable_parameters",
+    "unload",
+    "unmerge_adapter",
+    "verify_merge",
+]

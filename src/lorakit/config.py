@@ -1,0 +1,214 @@
+"""`LoraConfig`: the adapter's hyper-parameters, with PEFT's field names, defaults and JSON form.
+
+The dataclass serialises to ``adapter_config.json`` exactly as PEFT writes it (sorted keys, ``peft_type: "LORA"``,
+``inference_mode: true``), so a directory written by lorakit loads in PEFT and the other way round. Unknown keys in a
+loaded file warn and are dropped, so adapters written by newer PEFT versions still load.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["LoraConfig", "INIT_METHODS"]
+
+#: The values ``init_lora_weights`` accepts. ``True`` is PEFT's default (Kaiming-uniform A, zero B).
+INIT_METHODS = (True, False, "gaussian", "olora", "pissa")
+
+# Fields PEFT writes that lorakit does not implement; kept (and written back) when they hold their neutral value,
+# rejected with a clear message when they do not, so an adapter is never silently loaded with different semantics.
+_NEUTRAL_PEFT_FIELDS: dict[str, Any] = {
+    "use_dora": False,
+    "layer_replication": None,
+    "megatron_config": None,
+    "megatron_core": "megatron.core",
+    "loftq_config": {},
+    "eva_config": None,
+    "corda_config": None,
+    "trainable_token_indices": None,
+    "lora_bias": False,
+    "target_parameters": None,
+    "alora_invocation_tokens": None,
+    "use_qalora": False,
+    "qalora_group_size": 16,
+    "ensure_weight_tying": False,
+}
+
+
+@dataclass
+class LoraConfig:
+    """Hyper-parameters of one LoRA adapter (paper: https://arxiv.org/abs/2106.09685).
+
+    Each wrapped linear computes ``h = W0 x + scaling * B A dropout(x)`` with ``A`` of shape (r, in) and ``B`` of
+    shape (out, r); ``scaling = lora_alpha / r`` (or ``lora_alpha / sqrt(r)`` with ``use_rslora``).
+
+    Raises:
+        ValueError: for combinations of fields that cannot work together (each message names the fix).
+    """
+
+    r: int = 8
+    """Rank of the update. Overridden per module by ``rank_pattern``."""
+    lora_alpha: float = 8
+    """Numerator of the scaling factor. Overridden per module by ``alpha_pattern``."""
+    lora_dropout: float = 0.0
+    """Dropout probability on the LoRA branch's input (the base path never sees it)."""
+    target_modules: list[str] | str | None = None
+    """Which modules get adapters: a list (exact path or ``.name`` suffix), a string (``re.fullmatch`` on the path),
+    ``"all-linear"`` (every linear layer except the output head) or None (``["q_proj", "v_proj"]``)."""
+    exclude_modules: list[str] | str | None = None
+    """Modules never wrapped, with the same matching rules as ``target_modules``; exclusion wins."""
+    layers_to_transform: list[int] | int | None = None
+    """Only wrap modules inside these layer indices (needs ``target_modules`` as a list)."""
+    layers_pattern: list[str] | str | None = None
+    """Name of the ``ModuleList`` holding the layers (e.g. ``"layers"``); needs ``layers_to_transform``."""
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    """Per-module rank, keyed by a regex matched as ``(.*\\.)?(key)$`` against the module path."""
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    """Per-module alpha, same matching as ``rank_pattern``."""
+    use_rslora: bool = False
+    """Rank-stabilised scaling ``lora_alpha / sqrt(r)`` (https://arxiv.org/abs/2312.03732)."""
+    bias: str = "none"
+    """Which biases train and are saved: ``"none"``, ``"all"`` or ``"lora_only"`` (biases of wrapped layers)."""
+    modules_to_save: list[str] | None = None
+    """Extra modules trained in full and saved with the adapter (e.g. ``["lm_head"]``), matched by name suffix."""
+    init_lora_weights: bool | str = True
+    """``True`` (Kaiming-uniform A, zero B), ``False`` (random B too; tests only), ``"gaussian"``, ``"olora"`` or
+    ``"pissa"`` (the last two rewrite the base weight; see :func:`lorakit.save_adapter`'s ``convert_to_lora``)."""
+    fan_in_fan_out: bool = False
+    """Set for layers that store their weight as (in, out), such as GPT-2's ``Conv1D``."""
+    task_type: str | None = "CAUSAL_LM"
+    """PEFT's task type; written to the file so PEFT picks ``PeftModelForCausalLM``."""
+    base_model_name_or_path: str | None = None
+    """Filled in from the model's ``config._name_or_path`` when saving."""
+    revision: str | None = None
+    """Base model revision, kept for PEFT compatibility."""
+    inference_mode: bool = False
+    """Written as ``true`` on save, as PEFT does."""
+    extra_peft_fields: dict[str, Any] = field(default_factory=dict, repr=False)
+    """PEFT fields lorakit keeps unchanged (their neutral values) so a round trip writes them back."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target_modules, (set, tuple)):
+            self.target_modules = sorted(self.target_modules)
+        if isinstance(self.exclude_modules, (set, tuple)):
+            self.exclude_modules = sorted(self.exclude_modules)
+        if isinstance(self.target_modules, str) and (self.layers_to_transform is not None or self.layers_pattern):
+            raise ValueError(
+                f"target_modules={self.target_modules!r} is a regex, which cannot be combined with "
+                "layers_to_transform/layers_pattern; put the layer indices in the regex or pass target_modules as a list"
+            )
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError(
+                f"layers_pattern={self.layers_pattern!r} needs layers_to_transform (the layer indices to adapt)"
+            )
+        if self.init_lora_weights not in INIT_METHODS:
+            raise ValueError(
+                f"init_lora_weights={self.init_lora_weights!r} is not supported; use one of {list(INIT_METHODS)}"
+            )
+        if self.bias not in ("none", "all", "lora_only"):
+            raise ValueError(f"bias={self.bias!r} must be one of 'none', 'all', 'lora_only'")
+        if self.use_rslora and (self.rank_pattern or self.alpha_pattern) and self.init_lora_weights in ("olora", "pissa"):
+            warnings.warn(
+                "use_rslora with rank_pattern/alpha_pattern and OLoRA/PiSSA cannot be converted back to a plain LoRA "
+                "adapter on save; save the adapter for the modified base instead",
+                stacklevel=2,
+            )
+
+    # --- per-module values
+
+    def rank_for(self, module_path: str) -> int:
+        """The rank of the module at ``module_path`` (``rank_pattern`` first, then ``r``)."""
+        return int(_match_pattern(self.rank_pattern, module_path, self.r))
+
+    def alpha_for(self, module_path: str) -> float:
+        """The alpha of the module at ``module_path`` (``alpha_pattern`` first, then ``lora_alpha``)."""
+        return _match_pattern(self.alpha_pattern, module_path, self.lora_alpha)
+
+    def scaling_for(self, module_path: str) -> float:
+        """``alpha / r`` (or ``alpha / sqrt(r)`` with rsLoRA) for the module at ``module_path``."""
+        r, alpha = self.rank_for(module_path), self.alpha_for(module_path)
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+    # --- JSON
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``adapter_config.json`` content: PEFT's fields, ``peft_type`` and ``inference_mode=True``."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra_peft_fields"}
+        d = {**_NEUTRAL_PEFT_FIELDS, **self.extra_peft_fields, **d}
+        d["peft_type"] = "LORA"
+        d["inference_mode"] = True
+        d["auto_mapping"] = None
+        return json.loads(json.dumps(d))  # deep copy, tuples → lists
+
+    def to_json(self) -> str:
+        """``to_dict`` as PEFT formats it (indent 2, sorted keys)."""
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "config") -> "LoraConfig":
+        """Build from a PEFT ``adapter_config.json`` dict. Unknown keys warn and are dropped.
+
+        Raises:
+            ValueError: if ``peft_type`` is not LORA, or a feature lorakit does not implement is switched on.
+        """
+        d = dict(d)
+        peft_type = d.pop("peft_type", "LORA")
+        if str(peft_type).upper() != "LORA":
+            raise ValueError(f"{source}: peft_type={peft_type!r}; lorakit reads LoRA adapters only")
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra_peft_fields"}
+        kwargs = {k: d.pop(k) for k in list(d) if k in names}
+        extra = {}
+        for key, neutral in _NEUTRAL_PEFT_FIELDS.items():
+            if key in d:
+                value = d.pop(key)
+                if value not in (neutral, None, {}, []) and value != neutral:
+                    raise ValueError(
+                        f"{source}: {key}={value!r} is not supported by lorakit; only {key}={neutral!r} adapters load"
+                    )
+                extra[key] = neutral
+        for ignored in ("auto_mapping", "peft_version", "runtime_config"):
+            d.pop(ignored, None)
+        if d:
+            warnings.warn(f"{source}: ignoring unknown adapter config keys {sorted(d)}", stacklevel=2)
+        if isinstance(kwargs.get("init_lora_weights"), str) and kwargs["init_lora_weights"].startswith("pissa_niter"):
+            kwargs["init_lora_weights"] = "pissa"
+        return cls(**kwargs, extra_peft_fields=extra)
+
+    def save(self, directory: str | Path) -> Path:
+        """Write ``adapter_config.json`` into ``directory`` and return its path."""
+        path = Path(directory) / "adapter_config.json"
+        path.write_text(self.to_json() + "\n")
+        return path
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "LoraConfig":
+        """Read ``adapter_config.json`` from ``directory``.
+
+        Raises:
+            FileNotFoundError: naming the missing file.
+            ValueError: if the file is not valid JSON.
+        """
+        path = Path(directory) / "adapter_config.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: an adapter directory holds adapter_config.json and "
+                                    "adapter_model.safetensors")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid JSON ({err}); re-save the adapter") from None
+        return cls.from_dict(data, source=str(path))
+
+
+def _match_pattern(pattern: dict[str, Any], module_path: str, default: Any) -> Any:
+    """PEFT's pattern lookup: the first key ``k`` such that ``(.*\\.)?(k)$`` matches ``module_path``."""
+    import re
+
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?({key})$", module_path):
+            return value
+    return default

@@ -1,0 +1,109 @@
+"""Which modules of a model get an adapter: pure functions over module paths.
+
+The rules are PEFT's, so a config means the same thing in both libraries:
+
+- a list matches a module whose path equals an entry or ends with ``"." + entry``;
+- a string is a regular expression that must match the whole path (``re.fullmatch``);
+- ``"all-linear"`` is every linear layer except the output head (the module returned by
+  ``get_output_embeddings()``, or one named ``lm_head``);
+- ``exclude_modules`` uses the same rules and always wins;
+- ``layers_to_transform`` keeps only paths inside those layer indices (``<layers_pattern>.<i>.``).
+"""
+
+from __future__ import annotations
+
+import re
+from torch import nn
+
+from .base import is_supported_base
+from .config import LoraConfig
+
+__all__ = ["resolve_targets", "select_targets", "output_head_paths", "matches", "is_linear_like", "DEFAULT_TARGETS"]
+
+#: PEFT's default for Llama-style models when ``target_modules`` is None.
+DEFAULT_TARGETS = ["q_proj", "v_proj"]
+
+_LAYER_INDEX = re.compile(r".*?\.[^.]*\.(\d+)\.")
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    """True for modules the LoRA layer can wrap (see :func:`lorakit.base.is_supported_base`)."""
+    return is_supported_base(module)
+
+
+def matches(spec: list[str] | str | None, path: str) -> bool:
+    """Whether ``path`` is selected by a target/exclude spec (list: exact or suffix; str: full-match regex)."""
+    if spec is None:
+        return False
+    if isinstance(spec, str):
+        return re.fullmatch(spec, path) is not None
+    return any(path == name or path.endswith("." + name) for name in spec)
+
+
+def _in_layers(path: str, cfg: LoraConfig) -> bool:
+    if cfg.layers_to_transform is None:
+        return True
+    wanted = [cfg.layers_to_transform] if isinstance(cfg.layers_to_transform, int) else list(cfg.layers_to_transform)
+    patterns = cfg.layers_pattern
+    if patterns:
+        patterns = [patterns] if isinstance(patterns, str) else list(patterns)
+        found = [re.match(rf".*\.{p}\.(\d+)\.", path) for p in patterns]
+        found = [m for m in found if m]
+        index = int(found[0].group(1)) if found else None
+    else:
+        m = _LAYER_INDEX.match(path)
+        index = int(m.group(1)) if m else None
+    return index is not None and index in wanted
+
+
+def output_head_paths(model: nn.Module) -> set[str]:
+    """Paths of the output head(s): the module ``get_output_embeddings()`` returns, and any ``lm_head``."""
+    heads = set()
+    get_out = getattr(model, "get_output_embeddings", None)
+    out = get_out() if callable(get_out) else None
+    for path, module in model.named_modules():
+        if path.split(".")[-1] == "lm_head" or (out is not None and module is out):
+            heads.add(path)
+    return heads
+
+
+def resolve_targets(model: nn.Module, cfg: LoraConfig) -> list[str]:
+    """The module paths of ``model`` that ``cfg`` selects for an adapter, in ``named_modules`` order.
+
+    Raises:
+        ValueError: if nothing matches (naming the spec and the model's linear layer names), or a module the list
+            names explicitly is not a layer LoRA can wrap.
+    """
+    return select_targets(list(model.named_modules()), cfg, output_head_paths(model), type(model).__name__)
+
+
+def select_targets(named: list[tuple[str, nn.Module]], cfg: LoraConfig, heads: set[str], model_name: str = "model"
+                   ) -> list[str]:
+    """:func:`resolve_targets` over an explicit ``(path, module)`` list (``heads``: paths ``all-linear`` skips)."""
+    spec = DEFAULT_TARGETS if cfg.target_modules is None else cfg.target_modules
+    all_linear = spec == "all-linear" or spec == ["all-linear"]
+    chosen = []
+    for path, module in named:
+        if not path:
+            continue
+        if all_linear:
+            hit = is_linear_like(module) and path not in heads
+        else:
+            hit = matches(spec, path)
+        if not hit or matches(cfg.exclude_modules, path) or not _in_layers(path, cfg):
+            continue
+        if not is_linear_like(module):
+            if isinstance(spec, str):
+                continue
+            raise ValueError(
+                f"target {path!r} is a {type(module).__name__}; lorakit adapts linear layers only "
+                "(nn.Linear, Conv1D, NF4Linear, Int8Linear); name the linear layers inside it instead"
+            )
+        chosen.append(path)
+    if not chosen:
+        names = sorted({p.split(".")[-1] for p, m in named if p and is_linear_like(m)})
+        raise ValueError(
+            f"target_modules={spec!r} matches no layer of {model_name}; its linear layers are named "
+            f"{names[:20]}; pick from those or use 'all-linear'"
+        )
+    return chosen
