@@ -1,0 +1,106 @@
+"""Several named adapters: switching, disabling, deleting, what trains."""
+
+import pytest
+import torch
+
+from lorakit import (LoraConfig, LoraLinear, active_adapters, add_adapter, delete_adapter, disable_adapter,
+                     merge_adapter, set_adapter, trainable_parameters, unmerge_adapter)
+
+
+def _two(model):
+    add_adapter(model, LoraConfig(target_modules=["q_proj", "v_proj"], init_lora_weights=False), "a")
+    add_adapter(model, LoraConfig(target_modules=["o_proj"], r=2, init_lora_weights=False), "b")
+    return model
+
+
+def test_first_adapter_active_second_inactive(tiny_llama, input_ids):
+    _two(tiny_llama)
+    assert active_adapters(tiny_llama) == ["a"]
+    out_a = tiny_llama(input_ids).logits
+    set_adapter(tiny_llama, "b")
+    out_b = tiny_llama(input_ids).logits
+    assert not torch.allclose(out_a, out_b)
+    set_adapter(tiny_llama, "a")
+    torch.testing.assert_close(tiny_llama(input_ids).logits, out_a)
+
+
+def test_disable_adapter_equals_base(tiny_llama, input_ids):
+    base = tiny_llama(input_ids).logits
+    _two(tiny_llama)
+    merge_adapter(tiny_llama)  # disabling must also undo a merge
+    with disable_adapter(tiny_llama):
+        torch.testing.assert_close(tiny_llama(input_ids).logits, base, atol=1e-6, rtol=0)
+    assert not torch.allclose(tiny_llama(input_ids).logits, base)
+
+
+def test_trainable_set_is_exactly_active_lora(tiny_llama):
+    _two(tiny_llama)
+    names = {n for n, p in tiny_llama.named_parameters() if p.requires_grad}
+    expected = {n for n, _ in tiny_llama.named_parameters() if (".lora_A.a." in n or ".lora_B.a." in n)}
+    assert names == expected and len(names) == 8
+    set_adapter(tiny_llama, "b")
+    names = {n for n, p in tiny_llama.named_parameters() if p.requires_grad}
+    assert names == {n for n, _ in tiny_llama.named_parameters() if ".lora_A.b." in n or ".lora_B.b." in n}
+
+
+def test_trainable_report_counts(tiny_llama):
+    total = sum(p.numel() for p in tiny_llama.parameters())
+    add_adapter(tiny_llama, LoraConfig(r=4, target_modules=["q_proj"]))
+    report = trainable_parameters(tiny_llama)
+    assert report.trainable == 2 * (4 * 32 + 32 * 4)
+    assert report.total == total + report.trainable
+    assert f"{report.percent:.4f}" in str(report)
+
+
+def test_bias_modes_make_biases_trainable():
+    from conftest import TinyMLP
+
+    model = TinyMLP()
+    add_adapter(model, LoraConfig(target_modules=["up"], bias="lora_only"))
+    assert model.up.base_layer.bias.requires_grad and not model.down.bias.requires_grad
+    model = TinyMLP()
+    add_adapter(model, LoraConfig(target_modules=["up"], bias="all"))
+    assert model.up.base_layer.bias.requires_grad and model.down.bias.requires_grad
+
+
+def test_delete_adapter(tiny_llama, input_ids):
+    base = tiny_llama(input_ids).logits
+    _two(tiny_llama)
+    delete_adapter(tiny_llama, "a")
+    assert active_adapters(tiny_llama) == ["b"]
+    assert not any("a" in m.lora_A for m in tiny_llama.modules() if isinstance(m, LoraLinear))
+    delete_adapter(tiny_llama, "b")
+    torch.testing.assert_close(tiny_llama(input_ids).logits, base)
+    with pytest.raises(ValueError, match="unknown adapter 'b'"):
+        delete_adapter(tiny_llama, "b")
+
+
+def test_set_unknown_adapter(tiny_llama):
+    _two(tiny_llama)
+    with pytest.raises(ValueError, match=r"unknown adapter 'c'.*\['a', 'b'\]"):
+        set_adapter(tiny_llama, "c")
+
+
+def test_merge_unmerge_idempotent_at_model_level(tiny_llama, input_ids):
+    _two(tiny_llama)
+    out = tiny_llama(input_ids).logits
+    w = tiny_llama.model.layers[0].self_attn.q_proj.base_layer.weight.clone()
+    merge_adapter(tiny_llama)
+    merged_w = tiny_llama.model.layers[0].self_attn.q_proj.base_layer.weight.clone()
+    merge_adapter(tiny_llama)
+    assert torch.equal(merged_w, tiny_llama.model.layers[0].self_attn.q_proj.base_layer.weight)
+    torch.testing.assert_close(tiny_llama(input_ids).logits, out, atol=1e-5, rtol=0)
+    unmerge_adapter(tiny_llama)
+    unmerge_adapter(tiny_llama)
+    torch.testing.assert_close(tiny_llama.model.layers[0].self_attn.q_proj.base_layer.weight, w, atol=1e-6, rtol=0)
+
+
+def test_switching_unmerges_the_old_adapter(tiny_llama):
+    w = tiny_llama.model.layers[0].self_attn.q_proj.weight.clone()
+    _two(tiny_llama)
+    merge_adapter(tiny_llama)
+    q = tiny_llama.model.layers[0].self_attn.q_proj
+    assert not torch.allclose(q.base_layer.weight, w)
+    set_adapter(tiny_llama, "b")
+    assert q.merged_adapters == []
+    torch.testing.assert_close(q.base_layer.weight, w, atol=1e-6, rtol=0)
