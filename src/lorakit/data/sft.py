@@ -40,6 +40,7 @@ __all__ = [
     "SFTDataset",
     "collate_sft",
     "encode_prompt",
+    "encode_prompt_completion",
     "pack_sft",
     "tokenize_sft_row",
     "train_val_split",

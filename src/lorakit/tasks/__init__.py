@@ -1,0 +1,8 @@
+"""Built-in tasks with deterministic generators, used by the demo and the tests.
+
+See ``lorakit.tasks.registry`` for the row convention (conversational prompt/completion).
+"""
+
+from lorakit.tasks.registry import TASKS, Task, get_task, list_tasks, make_split, row_answer, score_exact
+
+__all__ = ["TASKS", "Task", "get_task", "list_tasks", "make_split", "row_answer", "score_exact"]
