@@ -52,3 +52,19 @@ class TinyMLP(torch.nn.Module):
 
     def forward(self, x):
         return self.down(self.act(self.up(x)))
+
+
+def save_tiny_model_dir(directory, seed: int = 0):
+    """A tiny Llama + byte-level ChatML tokenizer saved with ``save_pretrained`` (loads with ``lorakit.load_model``)."""
+    from data.conftest import make_byte_tokenizer
+
+    tokenizer = make_byte_tokenizer()
+    model = make_tiny_llama(seed, vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, initializer_range=0.3)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path):
+    return save_tiny_model_dir(tmp_path / "tiny-base")

@@ -166,3 +166,24 @@ def test_dataset_pack_keeps_all_trained_tokens(chatml_tokenizer):
     assert len(packed) < len(plain)
     n_trained = sum(lab != IGNORE_INDEX for ex in plain.examples for lab in ex["labels"])
     assert sum(lab != IGNORE_INDEX for ex in packed.examples for lab in ex["labels"]) == n_trained
+
+
+class NoOffsets:
+    """A tokenizer view without character offsets, like a slow (Python) tokenizer."""
+
+    is_fast = False
+
+    def __init__(self, tok):
+        self._tok = tok
+        self.chat_template, self.eos_token_id = tok.chat_template, tok.eos_token_id
+
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": self._tok(text, add_special_tokens=add_special_tokens)["input_ids"]}
+
+    def apply_chat_template(self, *args, **kwargs):
+        return self._tok.apply_chat_template(*args, **kwargs)
+
+
+def test_tokenizer_without_offsets_gives_same_labels(chatml_tokenizer):
+    row = {"messages": [user("hi"), bot("yo"), user("again"), bot("ok then")]}
+    assert tokenize_sft_row(row, NoOffsets(chatml_tokenizer), 512) == tokenize_sft_row(row, chatml_tokenizer, 512)

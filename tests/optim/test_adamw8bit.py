@@ -160,15 +160,16 @@ def test_matches_bitsandbytes_adamw8bit_on_cpu():
         pytest.skip(f"bitsandbytes AdamW8bit does not run on CPU here: {err}")
     for p, b in zip(ours, theirs):
         state, bstate = opt.state[p], bnb_opt.state[b]
-        # Same step-1 moments and the same maps/blocks -> the same codes, bar rounding-edge ties.
+        # Step 1 moments are bitwise the same ((1-b1) g and (1-b2) g^2 from zero), the maps, blocks and
+        # rounding are bitsandbytes' (dynamic8), so the stored bytes must be identical.
         for key, bkey, akey, bakey in (("exp_avg", "state1", "exp_avg_absmax", "absmax1"),
                                        ("exp_avg_sq", "state2", "exp_avg_sq_absmax", "absmax2")):
-            same = (state[key] == bstate[bkey].reshape(-1)).float().mean().item()
-            assert same > 0.999, (key, same)
-            torch.testing.assert_close(state[akey], bstate[bakey], rtol=1e-6, atol=0)
-        torch.testing.assert_close(p, b, rtol=0, atol=1e-6)
+            assert torch.equal(state[key], bstate[bkey].reshape(-1)), key
+            assert torch.equal(state[akey], bstate[bakey]), akey
+        torch.testing.assert_close(p, b, rtol=0, atol=1e-7)
 
-    # Five more steps: the dequantized moments stay close (different op order -> rare code flips).
+    # Five more steps: bnb updates m as b1*m + (1-b1)*g, we use torch's lerp, so absmax can differ in the
+    # last bit and a code can flip at a rounding edge; measured: all codes equal, |dp| < 1e-8.
     for step_grads in _grads(shapes, 5):
         for p, b, grad in zip(ours, theirs, step_grads):
             p.grad, b.grad = grad.clone(), grad.clone()
@@ -178,10 +179,12 @@ def test_matches_bitsandbytes_adamw8bit_on_cpu():
     for p, b in zip(ours, theirs):
         m, v = _dequant_moments(opt.state[p])
         bs = bnb_opt.state[b]
+        same = (opt.state[p]["exp_avg"] == bs["state1"].reshape(-1)).float().mean().item()
+        assert same > 0.999, same
         bm = dequantize_blockwise(bs["state1"].reshape(-1), bs["absmax1"], signed, BLOCKSIZE, torch.float32)
         bv = dequantize_blockwise(bs["state2"].reshape(-1), bs["absmax2"], unsigned, BLOCKSIZE, torch.float32)
         assert _rel(m, bm) < 1e-3 and _rel(v, bv) < 1e-3
-        torch.testing.assert_close(p, b, rtol=0, atol=1e-5)
+        torch.testing.assert_close(p, b, rtol=0, atol=1e-7)
 
 
 def test_threshold_is_numel_4096():

@@ -36,8 +36,9 @@ def test_adamw_on_cuda_is_fused():
 
 def test_param_groups_are_accepted():
     a, b = _params()
-    opt = build_optimizer("adamw", [{"params": [a]}, {"params": b, "lr": 1e-4}], lr=1e-3)
+    opt = build_optimizer("adamw", [{"params": (p for p in [a])}, {"params": b, "lr": 1e-4}], lr=1e-3)
     assert [g["lr"] for g in opt.param_groups] == [1e-3, 1e-4]
+    assert opt.param_groups[0]["params"] == [a]  # a generator group is not consumed before torch sees it
 
 
 def test_every_name_gives_the_adamw_direction_on_cpu():
@@ -52,10 +53,13 @@ def test_every_name_gives_the_adamw_direction_on_cpu():
                 p.grad = torch.randn(p.shape, generator=g)
             opt.step()
         results[name] = params
+    start = _params()
     for name in OPTIMIZER_NAMES:
-        for p, r in zip(results[name], results["adamw"]):
-            atol = 1e-6 if "8bit" not in name else 1e-4  # |update| is ~3e-3 after 3 steps
-            torch.testing.assert_close(p, r, rtol=0, atol=atol)
+        for p0, p, r in zip(start, results[name], results["adamw"]):
+            if "8bit" in name:  # relative error of the 3-step update; measured 0.03 (see test_adamw8bit)
+                assert ((p - r).norm() / (r - p0).norm()).item() < 0.08, name
+            else:
+                torch.testing.assert_close(p, r, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("bad, suggestion", [("adamw8bit", "adamw_8bit"), ("paged_adamw", "paged_adamw_8bit"),

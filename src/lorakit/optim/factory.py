@@ -24,16 +24,21 @@ OPTIMIZER_NAMES = ("adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit
 _OURS = {"adamw_8bit": AdamW8bit, "paged_adamw_8bit": PagedAdamW8bit, "paged_adamw_32bit": PagedAdamW}
 
 
-def _tensors(params: list[Any]) -> list[Tensor]:
-    """The parameter tensors in ``params`` (a list of tensors or of param-group dicts)."""
-    out: list[Tensor] = []
+def _normalize(params: Iterable[Any]) -> tuple[list[Any], list[Tensor]]:
+    """``params`` as a list (each group's ``params`` made a list too, so generators survive being read)
+    and the flat list of parameter tensors in it."""
+    items: list[Any] = []
+    tensors: list[Tensor] = []
     for item in params:
         if isinstance(item, dict):
             group = item["params"]
-            out.extend([group] if isinstance(group, Tensor) else group)
+            group = [group] if isinstance(group, Tensor) else list(group)
+            items.append({**item, "params": group})
+            tensors.extend(group)
         else:
-            out.append(item)
-    return out
+            items.append(item)
+            tensors.append(item)
+    return items, tensors
 
 
 def build_optimizer(
@@ -76,11 +81,10 @@ def build_optimizer(
         close = difflib.get_close_matches(str(name), OPTIMIZER_NAMES, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
         raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZER_NAMES)}.{hint}")
-    params = list(params)
+    params, tensors = _normalize(params)
     kwargs = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
     if name in _OURS:
         return _OURS[name](params, **kwargs)
-    tensors = _tensors(params)
     if tensors and all(t.is_cuda for t in tensors):
         return torch.optim.AdamW(params, fused=True, **kwargs)
     return torch.optim.AdamW(params, foreach=True, **kwargs)

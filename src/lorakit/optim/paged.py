@@ -7,7 +7,8 @@ parameter's states are on the GPU at any time, so GPU memory for states is ``O(l
 instead of ``O(all parameters)``, at the cost of moving every state over PCIe twice per step.
 
 For parameters on any other device (CPU-only machines included) paging is a no-op: the states stay on
-``p.device`` and the update is exactly ``AdamW8bit`` / ``torch.optim.AdamW(foreach=False)``.
+``p.device`` and the update is exactly ``AdamW8bit`` / ``torch.optim.AdamW(foreach=False)`` (bit for bit
+for float32 params).
 
 See Note: why not unified memory.
 """

@@ -23,6 +23,8 @@ Note: 16-bit grid rounding
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 __all__ = ["dynamic_map", "quantize_blockwise", "dequantize_blockwise"]
@@ -55,6 +57,11 @@ def dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bits: int
         ValueError: if the combination does not yield exactly ``2**total_bits`` values (for example
             ``signed=False`` with ``max_exponent_bits < 7``).
     """
+    return _dynamic_map(signed, max_exponent_bits, total_bits).clone()  # cached; callers may mutate
+
+
+@functools.lru_cache(maxsize=16)
+def _dynamic_map(signed: bool, max_exponent_bits: int, total_bits: int) -> torch.Tensor:
     if not 2 <= total_bits <= 8 or not 1 <= max_exponent_bits <= total_bits - 1:
         raise ValueError(
             f"dynamic_map needs 2 <= total_bits <= 8 and 1 <= max_exponent_bits <= total_bits - 1, got "
@@ -81,19 +88,20 @@ def dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bits: int
     if values.numel() != 2**total_bits:
         raise ValueError(
             f"dynamic_map(signed={signed}, max_exponent_bits={max_exponent_bits}, total_bits={total_bits}) gives "
-            f"{values.numel()} values instead of {2**total_bits}; unsigned maps need max_exponent_bits = total_bits - 1."
+            f"{values.numel()} values instead of {2**total_bits}; unsigned maps need "
+            "max_exponent_bits = total_bits - 1."
         )
     values = torch.cat([values, values.new_zeros(256 - values.numel())])
     return values.sort().values
 
 
-def _check_code(code: torch.Tensor) -> None:
+def _check_code(code: torch.Tensor, need_sorted: bool = True) -> None:
     if code.dtype != torch.float32 or code.dim() != 1 or not 2 <= code.numel() <= 256:
         raise ValueError(
             f"code must be a 1-D float32 tensor with 2..256 entries, got dtype={code.dtype}, "
             f"shape={tuple(code.shape)}; build one with dynamic_map()."
         )
-    if bool((code[1:] < code[:-1]).any()):
+    if need_sorted and bool((code[1:] < code[:-1]).any()):
         raise ValueError("code must be sorted ascending (bitsandbytes assumes it); pass code.sort().values.")
 
 
@@ -120,7 +128,9 @@ def _grid_table(code: torch.Tensor) -> torch.Tensor:
 def _quantize_rows(rows: torch.Tensor, table: torch.Tensor, out: torch.Tensor, absmax: torch.Tensor) -> None:
     """Quantize ``rows`` ``(k, b)`` (one block per row) into ``out`` ``(k, b)`` uint8 and ``absmax`` ``(k,)``."""
     rows = rows.float()  # exact for bf16/fp16; no copy for float32
-    torch.linalg.vector_norm(rows, float("inf"), dim=1, out=absmax)  # max |x|, no |x| temporary
+    torch.amax(rows.abs(), 1, out=absmax)  # abs + amax is ~20x faster than vector_norm(inf) on CPU
+    if not bool(torch.isfinite(absmax).all()):
+        raise ValueError("x has NaN or inf values; blockwise 8-bit codes need finite inputs.")
     inv = 1.0 / absmax
     zero = absmax == 0
     has_zero = bool(zero.any())
@@ -154,7 +164,7 @@ def quantize_blockwise(
 
     Raises:
         TypeError: if ``x`` is not floating point.
-        ValueError: for a non-positive blocksize or an unsorted / badly shaped code.
+        ValueError: for a non-positive blocksize, an unsorted / badly shaped code, or NaN / inf in ``x``.
 
     Example:
         >>> q, absmax = quantize_blockwise(torch.randn(1000), dynamic_map(), blocksize=256)
@@ -209,7 +219,7 @@ def dequantize_blockwise(
     """
     _check_blocksize(blocksize)
     code = dynamic_map(signed=True) if code is None else code
-    _check_code(code)
+    _check_code(code, need_sorted=False)  # lookups only; any order works
     n = q.numel()
     if q.dtype != torch.uint8:
         raise ValueError(f"q must be uint8 codes from quantize_blockwise, got {q.dtype}.")
@@ -218,7 +228,7 @@ def dequantize_blockwise(
             f"absmax has {absmax.numel()} entries but {n} codes in blocks of {blocksize} need {-(-n // blocksize)}; "
             "pass the blocksize used to quantize."
         )
-    out = code.to(q.device)[q.reshape(-1).to(torch.int64)]  # (n,) float32
+    out = torch.index_select(code.to(q.device), 0, q.reshape(-1).to(torch.int32))  # (n,) float32
     absmax = absmax.to(device=q.device, dtype=torch.float32)
     full = (n // blocksize) * blocksize
     out[:full].view(-1, blocksize).mul_(absmax[: full // blocksize, None])

@@ -5,8 +5,10 @@ Example prompt (the user message)::
     Convert this date to ISO format YYYY-MM-DD. Reply with the date only.
     Date: 05/03/2021 (day/month/year)
 
-Answer: ``2021-03-05``. Numeric styles whose field order is ambiguous state it in parentheses
-after the date. Two-digit years (``'21``) always mean 20xx, so those styles only draw 2000-2039.
+Answer: ``2021-03-05``. The slash style states its field order in parentheses after the date.
+It is always day first: a month-first variant was tried and a 135M model, after 30 LoRA steps,
+still mixed the two orders up in about a third of slash dates. Two-digit years (``'21``) always
+mean 20xx, so those styles only draw 2000-2039.
 """
 
 from __future__ import annotations
@@ -63,7 +65,6 @@ STYLES: dict[str, tuple[Callable[[datetime.date], str], bool]] = {
     "day_mon_year": (lambda d: f"{d.day} {_mon(d)} {d.year}", False),  # 5 Mar 2021
     "day_month_year": (lambda d: f"{d.day} {_month(d)} {d.year}", False),  # 5 March 2021
     "dmy_slash": (lambda d: f"{d.day:02d}/{d.month:02d}/{d.year} (day/month/year)", False),
-    "mdy_slash": (lambda d: f"{d.month:02d}/{d.day:02d}/{d.year} (month/day/year)", False),
     "ymd_dots": (lambda d: f"{d.year}.{d.month:02d}.{d.day:02d}", False),  # 2021.03.05
     "ordinal_words": (lambda d: f"the {_ordinal_word(d.day)} of {_month(d)}, {d.year}", False),
     "mon_ordinal_short_year": (lambda d: f"{_mon(d)} {_ordinal_suffix(d.day)} '{d.year % 100:02d}", True),

@@ -5,8 +5,8 @@ Example prompt::
     Reverse the order of these words. Reply with the words only, separated by spaces.
     Words: apple river blue stone
 
-Answer: ``stone blue river apple``. Words are distinct lowercase English words drawn from a fixed
-list of short, common ones (mostly single tokens for typical BPE vocabularies).
+Answer: ``stone blue river apple``. Words are distinct lowercase English nouns and colours drawn
+from a fixed list of short, common ones.
 """
 
 from __future__ import annotations
@@ -17,11 +17,15 @@ __all__ = ["INSTRUCTION", "WORDS", "generate"]
 
 INSTRUCTION = "Reverse the order of these words. Reply with the words only, separated by spaces."
 
+# Each word is one token in SmolLM2's vocabulary both with and without a leading space, so the
+# model reverses tokens rather than re-spelling words (multi-token words like "farmer" came back
+# as "faster" after short training).
 WORDS = (
     "apple river blue stone green house light water table chair bread music paper cloud storm "
-    "garden window winter summer orange silver forest ocean mountain yellow purple coffee pencil "
-    "rabbit tiger horse bird fish candle mirror bottle basket violin piano rocket planet island "
-    "desert bridge castle tower market school doctor farmer sugar salt pepper lemon cherry honey"
+    "window winter summer orange forest ocean yellow purple horse bird fish planet bridge castle "
+    "tower market school doctor sugar salt moon star tree leaf rock sand snow rain wind fire gold "
+    "iron milk rice door road boat ship train king girl dog cat bear wolf lion fox coat shirt cup "
+    "pen book card map key bell phone clock ring coin ball song park lake hill farm city shop"
 ).split()
 
 

@@ -1,0 +1,146 @@
+"""lorakit vs PEFT, side by side in one process, on SmolLM2-135M-Instruct (fp32, CPU).
+
+Each comparison alternates lorakit and PEFT runs (and the limit) and reports medians, so machine noise hits both
+alike. One JSON line per comparison: name, lorakit_s, peer_s, ratio (lorakit / peer) and, for training steps,
+vs_limit (lorakit / limit), where the limit is the same model with every weight frozen and only input gradients on
+(forward + backward through the activations, no LoRA): no LoRA training step can be cheaper.
+
+Usage: python bench/bench_core.py [--repeats 5] [--threads 2] [--batch 4] [--seq 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import statistics
+import tempfile
+import time
+
+import torch
+
+import lorakit
+
+
+def timed(fn) -> float:
+    gc.collect()
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def alternate(fns: dict, repeats: int) -> dict[str, float]:
+    """Median seconds of each function, run in rotating order ``repeats`` times after one warm-up each."""
+    for fn in fns.values():
+        fn()
+    times = {k: [] for k in fns}
+    names = list(fns)
+    for i in range(repeats):
+        for k in names[i % len(names):] + names[: i % len(names)]:
+            times[k].append(timed(fns[k]))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def report(name: str, ours: float, peer: float, limit: float | None = None) -> None:
+    row = {"name": name, "lorakit_s": round(ours, 4), "peer_s": round(peer, 4), "ratio": round(ours / peer, 3)}
+    if limit is not None:
+        row.update(limit_s=round(limit, 4), vs_limit=round(ours / limit, 3), peer_vs_limit=round(peer / limit, 3))
+    print(json.dumps(row), flush=True)
+
+
+def train_step(model, batch, opt):
+    def step():
+        out = model(input_ids=batch, labels=batch)
+        out.loss.backward()
+        if opt is not None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    return step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--only", default="", help="comma-separated comparison names")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    import peft
+
+    base, _ = lorakit.load_model()
+    base.train()
+    base.requires_grad_(False)
+    batch = torch.randint(0, base.config.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
+    only = set(filter(None, args.only.split(",")))
+    want = lambda name: not only or name in only  # noqa: E731
+
+    # --- the limit: frozen model, input gradients only
+    limit_model = copy.deepcopy(base)
+    limit_model.enable_input_require_grads()
+    limit_step = train_step(limit_model, batch, None)
+
+    for dropout in (0.0, 0.05):
+        name = f"train_step_r16_all_linear_dropout{dropout}"
+        if not want(name):
+            continue
+        kw = dict(r=16, lora_alpha=32, lora_dropout=dropout, target_modules="all-linear")
+        ours = lorakit.add_adapter(copy.deepcopy(base), lorakit.LoraConfig(**kw))
+        theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(task_type="CAUSAL_LM", **kw))
+        o1 = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-4)
+        o2 = torch.optim.AdamW([p for p in theirs.parameters() if p.requires_grad], lr=1e-4)
+        t = alternate({"limit": limit_step, "ours": train_step(ours, batch, o1), "peer": train_step(theirs, batch, o2)},
+                      args.repeats)
+        report(name, t["ours"], t["peer"], t["limit"])
+        del ours, theirs, o1, o2
+
+    kw = dict(r=16, lora_alpha=32, target_modules="all-linear")
+    if want("add_adapter"):
+        ours_t = statistics.median(
+            timed_on(copy.deepcopy(base), lambda m: lorakit.add_adapter(m, lorakit.LoraConfig(**kw)))
+            for _ in range(args.repeats))
+        peer_t = statistics.median(
+            timed_on(copy.deepcopy(base), lambda m: peft.get_peft_model(m, peft.LoraConfig(**kw)))
+            for _ in range(args.repeats))
+        report("add_adapter", ours_t, peer_t)
+
+    if want("merge_and_unload"):
+        def ours_merge():
+            m = lorakit.add_adapter(copy.deepcopy(base), lorakit.LoraConfig(init_lora_weights=False, **kw))
+            return timed(lambda: lorakit.merge_and_unload(m))
+
+        def peer_merge():
+            m = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(init_lora_weights=False, **kw))
+            return timed(lambda: m.merge_and_unload())
+
+        ours_t = statistics.median(ours_merge() for _ in range(args.repeats))
+        peer_t = statistics.median(peer_merge() for _ in range(args.repeats))
+        report("merge_and_unload", ours_t, peer_t)
+
+    if want("save_load"):
+        ours = lorakit.add_adapter(copy.deepcopy(base), lorakit.LoraConfig(**kw))
+        theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(task_type="CAUSAL_LM", **kw))
+        fresh_ours, fresh_peer = copy.deepcopy(base), copy.deepcopy(base)
+        with tempfile.TemporaryDirectory() as d:
+            def ours_rt():
+                lorakit.save_adapter(ours, f"{d}/ours")
+                lorakit.unload(fresh_ours)
+                lorakit.load_adapter(fresh_ours, f"{d}/ours")
+
+            def peer_rt():
+                theirs.save_pretrained(f"{d}/peer")
+                peft.PeftModel.from_pretrained(copy.copy(fresh_peer), f"{d}/peer").unload()
+
+            t = alternate({"ours": ours_rt, "peer": peer_rt}, args.repeats)
+        report("save_and_load_adapter", t["ours"], t["peer"])
+
+
+def timed_on(model, fn) -> float:
+    """Seconds of ``fn(model)`` alone (the model copy is made before the clock starts)."""
+    return timed(lambda: fn(model))
+
+
+if __name__ == "__main__":
+    main()

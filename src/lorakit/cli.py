@@ -1,0 +1,407 @@
+"""The ``lorakit`` command: argparse subcommands that parse their arguments and call library functions.
+
+Everything a subcommand does is a library call (``lorakit.train.train_sft``, ``lorakit.evaluate.exact_match``,
+``lorakit.merge_and_unload``, ``lorakit.inspect.check_fit``, ``lorakit.estimate.estimate_training``, …), so it can
+be tested and scripted without the command line. Errors a user can fix (a typo in a config key, a task name or an option,
+a missing file, an adapter for another base) print one ``lorakit: error: …`` line and exit with status 2;
+``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import sys
+from pathlib import Path
+
+__all__ = ["main", "build_parser"]
+
+_DTYPES = ("bfloat16", "float16", "float32")
+# Note: merge tolerance
+#     Merging rounds W + s·B·A once per weight; through 30 layers that moves float32 logits of SmolLM2-135M (max
+#     |logit| ≈ 40) by up to 1.6e-4, above verify_merge's absolute 1e-4. A wrong merge (lost, doubled or transposed
+#     update) moves them by the adapter's whole effect, typically > 1e-2. So the default accepts differences up to
+#     2e-5 × max |logit| (8e-4 there, 5× the rounding seen), and never less than verify_merge's own default.
+_MERGE_RTOL = 2e-5
+# Prompts a merge is checked on: a task prompt, a chat turn and code, so that several token statistics are covered.
+_MERGE_PROMPTS = ("Convert this date to ISO format YYYY-MM-DD. Reply with the date only.\nDate: March 5, 2021",
+                  "Hello! In one sentence, what is a low-rank adapter?",
+                  "def add(a, b):\n    return")
+
+
+class _UsageError(Exception):
+    """A command-line mistake (unknown command or option, bad value); reported in one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse prints usage + message and exits; we want one line and a hint
+        raise _UsageError(f"{message} (see '{self.prog} --help')")
+
+
+# --- commands
+
+
+def _train(ns: argparse.Namespace) -> int:
+    from . import train
+
+    args = train.load_args(train.DPOArgs if ns.dpo else train.SFTArgs, ns.config, ns.set)
+    trainer = getattr(train, "train_dpo" if ns.dpo else "train_sft", None)
+    if trainer is None:
+        raise ValueError(f"this lorakit build has no {'train_dpo' if ns.dpo else 'train_sft'}")
+    data = args.train_file or f"task {args.task!r}"
+    print(f"lorakit train: {'DPO' if ns.dpo else 'SFT'} {args.method} r={args.r} on {args.model}, {data}, "
+          f"{args.max_steps} steps → {args.output_dir}")
+    print(_summary(trainer(args)))
+    return 0
+
+
+def _demo(ns: argparse.Namespace) -> int:
+    from .train import SFTArgs, train_sft
+    from .train.args import parse_overrides
+
+    overrides = {"task": "dates", "output_dir": ns.output_dir, **parse_overrides(SFTArgs, ns.set)}
+    if ns.steps is not None:
+        overrides["max_steps"] = ns.steps
+    args = SFTArgs(**overrides)
+    print(f"lorakit demo: {args.method} r={args.r} on {args.model}, task {args.task!r}, {args.max_steps} steps")
+    print(_summary(train_sft(args)))
+    return 0
+
+
+def _summary(result) -> str:
+    """The table ``train`` and ``demo`` print from a ``TrainResult``."""
+    rows = []
+    base, tuned = getattr(result, "base_accuracy", None), getattr(result, "tuned_accuracy", None)
+    if base is not None or tuned is not None:
+        rows.append(("base accuracy", _pct(base)))
+        rows.append(("tuned accuracy", _pct(tuned)))
+    if getattr(result, "best_val_loss", None) is not None:
+        rows.append(("best val loss", f"{result.best_val_loss:.4f}"))
+    rows.append(("time", f"{result.seconds:.1f} s for {result.steps} steps"))
+    t = result.trainable
+    rows.append(("trainable", f"{t.trainable:,} of {t.total:,} parameters ({t.percent:.2f}%)"))
+    rows.append(("adapter", str(result.adapter_dir)))
+    rows.append(("plot", str(result.plot_path) if result.plot_path else "-"))
+    rows.append(("metrics", str(result.metrics_path)))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def _quiet_loading() -> None:
+    # transformers draws a "Loading weights" bar on stderr; a command's stderr is kept for its one error line.
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+
+
+def _load(ns: argparse.Namespace):
+    """Base model + the ``--adapter`` directories, with ``--active`` set; returns ``(model, tokenizer)``."""
+    import lorakit
+
+    _quiet_loading()
+    model, tokenizer = lorakit.load_model(ns.model, quantization=getattr(ns, "quantization", None))
+    dirs = ns.adapter or []
+    names = ns.adapter_name or (["default"] if len(dirs) == 1 else [Path(d).name for d in dirs])
+    if len(names) != len(dirs) or len(set(names)) != len(names):
+        raise ValueError(f"{len(dirs)} --adapter and {len(ns.adapter_name or [])} --adapter-name given; "
+                         "give one distinct --adapter-name per --adapter")
+    for directory, name in zip(dirs, names):
+        lorakit.load_adapter(model, directory, adapter_name=name)
+    if getattr(ns, "active", None):
+        lorakit.set_adapter(model, [] if ns.active == "none" else ns.active.split(","))
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.eval(), tokenizer
+
+
+def _prompt(messages: list[dict], tokenizer):
+    # Without a chat template the last message is sent as plain text.
+    return messages if getattr(tokenizer, "chat_template", None) else messages[-1]["content"]
+
+
+def _generate(ns: argparse.Namespace) -> int:
+    from .evaluate import generate_answers
+
+    model, tokenizer = _load(ns)
+    messages = ([{"role": "system", "content": ns.system}] if ns.system else [])
+    messages.append({"role": "user", "content": ns.prompt})
+    print(generate_answers(model, tokenizer, [_prompt(messages, tokenizer)], max_new_tokens=ns.max_new_tokens)[0])
+    return 0
+
+
+def _chat(ns: argparse.Namespace) -> int:
+    from .evaluate import generate_answers
+
+    model, tokenizer = _load(ns)
+    system = [{"role": "system", "content": ns.system}] if ns.system else []
+    history = list(system)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("type a message; /reset clears the conversation, Ctrl-D quits", file=sys.stderr)
+    while True:
+        if interactive:
+            print("> ", end="", flush=True, file=sys.stderr)
+        line = sys.stdin.readline()
+        if not line:
+            return 0
+        text = line.strip()
+        if text == "/reset":
+            history = list(system)
+        if text in ("", "/reset"):
+            continue
+        history.append({"role": "user", "content": text})
+        reply = generate_answers(model, tokenizer, [_prompt(history, tokenizer)], max_new_tokens=ns.max_new_tokens)[0]
+        history.append({"role": "assistant", "content": reply})
+        print(reply, flush=True)
+
+
+def _eval(ns: argparse.Namespace) -> int:
+    from .data import load_rows
+    from .evaluate import exact_match, validation_loss
+    from .tasks import get_task, make_split, score_exact
+
+    if ns.data:
+        loaded = load_rows(ns.data, formats=("prompt_completion", "messages", "text"))
+        rows, score, source = loaded.rows[: ns.n], score_exact, f"{ns.data} ({loaded.format} rows)"
+        scored = _answer_rows(rows, loaded.format)
+    else:
+        task = get_task(ns.task)  # a typo fails here, before the model loads
+        rows, score = make_split(task, 0, ns.n, seed=ns.seed)[1], task.score
+        source, scored = f"task {task.name!r} (held-out split, seed {ns.seed})", rows
+    if not rows:
+        raise ValueError(f"no rows to evaluate in {source}; check the file or raise --n")
+    model, tokenizer = _load(ns)
+    print(f"evaluating {ns.model}" + (f" + {', '.join(ns.adapter)}" if ns.adapter else "") + f" on {len(rows)} rows "
+          f"of {source}")
+    if scored:
+        accuracy, _ = exact_match(model, tokenizer, scored, score, batch_size=ns.batch_size,
+                                  max_new_tokens=ns.max_new_tokens)
+        print(f"exact-match accuracy  {100 * accuracy:.1f}% ({round(accuracy * len(scored))}/{len(scored)})")
+    print(f"validation loss       {validation_loss(model, tokenizer, rows, ns.max_length, ns.batch_size):.4f}")
+    return 0
+
+
+def _answer_rows(rows: list[dict], fmt: str | None) -> list[dict]:
+    """File rows → the ``{"prompt": messages, "completion": [assistant message]}`` rows exact_match scores."""
+    if fmt == "prompt_completion":
+        return [dict(r, completion=[{"role": "assistant", "content": r["completion"]}])
+                if isinstance(r["completion"], str) else r for r in rows]
+    if fmt == "messages":
+        return [{"prompt": r["messages"][:-1], "completion": r["messages"][-1:]} for r in rows
+                if r["messages"][-1]["role"] == "assistant" and len(r["messages"]) > 1]
+    return []  # plain text has no answer to match
+
+
+def _merge(ns: argparse.Namespace) -> int:
+    import copy
+    import dataclasses
+
+    import torch
+
+    import lorakit
+    from .data import encode_prompt
+    from .estimate import read_config
+
+    if Path(ns.output).resolve() == Path(ns.model).resolve():
+        raise ValueError(f"--output {ns.output} is the base model's directory; write the merged model elsewhere")
+    base_config = read_config(ns.model)
+    trained = base_config.get("dtype") or base_config.get("torch_dtype")
+    dtype_name = ns.dtype or (trained if trained in _DTYPES else "float32")
+    _quiet_loading()
+    model, tokenizer = lorakit.load_model(ns.model, dtype=torch.float32)  # merge in float32, cast when saving
+    lorakit.load_adapter(model, ns.adapter)
+    model.eval()
+    merged = lorakit.merge_and_unload(copy.deepcopy(model), safe_merge=True)
+    prompts = [encode_prompt([{"role": "user", "content": p}] if tokenizer.chat_template else p, tokenizer)
+               for p in _MERGE_PROMPTS]
+    width = max(map(len, prompts))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    ids = torch.tensor([p + [pad] * (width - len(p)) for p in prompts])
+    mask = torch.tensor([[1] * len(p) + [0] * (width - len(p)) for p in prompts])
+    report = lorakit.verify_merge(model, merged, {"input_ids": ids, "attention_mask": mask}, tolerance=ns.tolerance)
+    if ns.tolerance is None:  # See Note: merge tolerance
+        report = dataclasses.replace(report, tolerance=max(report.tolerance, _MERGE_RTOL * report.max_abs_logit))
+    print(report)
+    if not report.ok:
+        print(f"lorakit: error: merged model differs from base + adapter beyond tolerance "
+              f"({report.max_abs_diff:.3e} > {report.tolerance:.1e}); nothing written to {ns.output}", file=sys.stderr)
+        return 1
+    lorakit.save_merged(merged, ns.output, tokenizer, getattr(torch, dtype_name))
+    print(f"merged model ({dtype_name}) written to {ns.output}")
+    return 0
+
+
+def _inspect(ns: argparse.Namespace) -> int:
+    import json
+
+    from .inspect import check_fit, format_inspection, inspect_adapter
+
+    info = inspect_adapter(ns.adapter_dir)
+    problems = check_fit(ns.adapter_dir, ns.model) if ns.model else None
+    if ns.json:
+        print(json.dumps(dict(info, fits=None if problems is None else not problems, problems=problems), indent=2))
+    else:
+        print(format_inspection(info, problems, ns.model))
+    return 1 if problems else 0
+
+
+def _estimate(ns: argparse.Namespace) -> int:
+    import json
+
+    from .estimate import estimate_training, read_config
+
+    targets = [t.strip() for t in ns.targets.split(",")] if ns.targets else None
+    name = Path(ns.model).parent.name if Path(ns.model).is_file() else Path(ns.model).name
+    result = estimate_training(read_config(ns.model), r=ns.r, targets=targets, batch=ns.batch, seq=ns.seq,
+                               dtype=ns.dtype, gradient_checkpointing=ns.gradient_checkpointing,
+                               budget_gb=ns.budget_gb, name=name)
+    print(json.dumps(result.to_dict(), indent=2) if ns.json else result)
+    return 0
+
+
+# --- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``lorakit`` parser (each subcommand's ``func`` is set as a default)."""
+    from . import EMBEDDED_NAME, __version__
+
+    parser = _Parser(prog="lorakit", description="LoRA / QLoRA fine-tuning of causal language models.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    # Subcommands accept --debug too; SUPPRESS keeps them from resetting a --debug given before the command.
+    debug = _Parser(add_help=False)
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    parser.add_argument("--version", action="version", version=f"lorakit {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def command(name: str, func, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help, parents=[debug])
+        p.set_defaults(func=func)
+        return p
+
+    def model_options(p: argparse.ArgumentParser, adapters: bool = True) -> None:
+        p.add_argument("--model", default=EMBEDDED_NAME, help=f"base model directory (default: {EMBEDDED_NAME})")
+        if adapters:
+            p.add_argument("--adapter", action="append", metavar="DIR", help="adapter directory (repeatable)")
+            p.add_argument("--adapter-name", action="append", metavar="NAME",
+                           help="name for each --adapter, in order (default: 'default', or the directory names)")
+            p.add_argument("--active", metavar="NAME[,NAME]", help="adapters to use (default: the first); 'none' "
+                           "for the base alone")
+            p.add_argument("--quantization", choices=("nf4", "fp4", "int8"), help="quantize the base while loading")
+
+    p = command("train", _train, "fine-tune from a YAML config (keys = SFTArgs / DPOArgs fields)")
+    p.add_argument("config", nargs="?", metavar="CONFIG.yaml", help="config file (default: built-in defaults)")
+    p.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE", help="override config keys")
+    p.add_argument("--dpo", action="store_true", help="preference tuning (DPOArgs, train_dpo)")
+
+    p = command("demo", _demo, "LoRA on the date task with the embedded model: accuracy before and after")
+    p.add_argument("--steps", type=int, help="optimizer steps (default: SFTArgs.max_steps)")
+    p.add_argument("--output-dir", default="runs/demo", help="where the adapter and plot go (default: runs/demo)")
+    p.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE", help="other SFTArgs")
+
+    p = command("eval", _eval, "exact-match accuracy and validation loss of a model (+ adapter)")
+    model_options(p)
+    data = p.add_mutually_exclusive_group()
+    data.add_argument("--task", default="dates", help="built-in task (default: dates)")
+    data.add_argument("--data", metavar="FILE", help="JSONL/JSON rows instead of a task")
+    p.add_argument("--n", type=int, default=200, help="rows to evaluate (default: 200, as SFTArgs.n_eval)")
+    p.add_argument("--seed", type=int, default=0, help="task split seed (default: 0, as training)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-length", type=int, default=256, help="tokens per row for the loss")
+
+    for name, func, help in (("generate", _generate, "greedy reply to one prompt (chat template applied)"),
+                             ("chat", _chat, "chat on stdin: one user turn per line until EOF")):
+        p = command(name, func, help)
+        model_options(p)
+        if name == "generate":
+            p.add_argument("prompt", metavar="PROMPT")
+        p.add_argument("--system", help="system message")
+        p.add_argument("--max-new-tokens", type=int, default=128)
+
+    p = command("merge", _merge, "merge an adapter into its base, check the logits, save the merged model")
+    model_options(p, adapters=False)
+    p.add_argument("--adapter", required=True, metavar="DIR")
+    p.add_argument("--output", required=True, metavar="DIR")
+    p.add_argument("--dtype", choices=_DTYPES, help="saved dtype (default: the base's config.json dtype)")
+    p.add_argument("--tolerance", type=float,
+                   help="largest accepted |logit difference| (default: 2e-5 × max |logit|, at least 1e-4)")
+
+    p = command("inspect", _inspect, "what an adapter directory holds; with --model, whether it fits that base")
+    p.add_argument("adapter_dir", metavar="ADAPTER_DIR")
+    p.add_argument("--model", help="base model directory, config.json or the embedded model's name")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = command("estimate", _estimate, "trainable parameters and memory of full / LoRA / QLoRA from config.json")
+    p.add_argument("--model", default=EMBEDDED_NAME, help="model directory, config.json or the embedded name")
+    p.add_argument("--r", type=int, default=16, help="LoRA rank (default: 16)")
+    p.add_argument("--targets", metavar="NAME[,NAME]", help="adapted layers (default: all linear layers)")
+    p.add_argument("--budget-gb", type=float, help="memory budget in GiB: which methods fit")
+    p.add_argument("--batch", type=int, default=8, help="micro-batch size (default: 8)")
+    p.add_argument("--seq", type=int, default=256, help="tokens per example (default: 256)")
+    p.add_argument("--dtype", choices=_DTYPES, default="float32", help="weights/activations dtype (default float32)")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.commands = sub.choices  # {name: subparser}, for the suggestions of _check_command / _check_extras
+    return parser
+
+
+def _check_command(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """Name the closest subcommand for a typo (argparse would list all choices without a suggestion)."""
+    word = next((a for a in argv if not a.startswith("-")), None)  # the top level has no option taking a value
+    if word is not None and word not in parser.commands:
+        close = difflib.get_close_matches(word, parser.commands, n=1, cutoff=0.5)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise _UsageError(f"unknown command {word!r}; {hint}commands: {', '.join(parser.commands)}")
+
+
+def _check_extras(parser: argparse.ArgumentParser, ns: argparse.Namespace, extras: list[str]) -> None:
+    """Name the closest option for an unrecognized one."""
+    options = [o for a in parser.commands[ns.command]._actions for o in a.option_strings]
+    flag = next((e for e in extras if e.startswith("-")), None)
+    if flag is None:
+        raise _UsageError(f"unexpected argument {extras[0]!r} (see 'lorakit {ns.command} --help')")
+    close = difflib.get_close_matches(flag.split("=")[0], options, n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]!r}?" if close else f"; options: {', '.join(sorted(options))}"
+    raise _UsageError(f"unknown option {flag!r} for 'lorakit {ns.command}'{hint}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit status (0 ok, 1 a check failed, 2 a usage or input error)."""
+    import yaml
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    try:
+        _check_command(parser, argv)
+        ns, extras = parser.parse_known_args(argv)
+        if ns.command is None:
+            parser.print_help()
+            return 0
+        if extras:
+            _check_extras(parser, ns, extras)
+    except _UsageError as err:
+        print(f"lorakit: error: {err}", file=sys.stderr)
+        return 2
+    except SystemExit as done:  # --help / --version
+        return int(done.code or 0)
+    try:
+        return ns.func(ns)
+    except (ValueError, FileNotFoundError, NotADirectoryError, yaml.YAMLError) as err:
+        if ns.debug:
+            raise
+        print(f"lorakit: error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lorakit: interrupted", file=sys.stderr)
+        return 130
+
+
+def _one_line(err: Exception) -> str:
+    if isinstance(err, OSError) and err.filename and err.strerror:
+        return f"{err.filename}: {err.strerror.lower()}"
+    return " ".join(str(err).split())  # YAML errors span several lines

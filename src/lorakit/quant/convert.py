@@ -1,0 +1,264 @@
+"""Swap a model's ``nn.Linear`` layers for quantized ones, in memory or while streaming a checkpoint from disk.
+
+``quantize_model_`` converts a model that is already loaded. ``load_quantized`` builds a transformers causal LM
+from its config with parameters on the meta device, replaces the targeted linears by empty quantized modules,
+then reads the ``*.safetensors`` shards tensor by tensor and quantizes each linear weight as it arrives, so the
+full-precision model never sits in memory at once (peak ≈ quantized model + the largest single tensor).
+Both also accept pre-quantized bitsandbytes 4-bit / 8-bit tensors (see ``nf4_linear`` for the key layout).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import json
+import os
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from lorakit.quant.int8_linear import Int8Linear
+from lorakit.quant.nf4_linear import NF4Linear
+
+__all__ = ["QUANTIZATIONS", "quantize_model_", "load_quantized"]
+
+QUANTIZATIONS = ("nf4", "fp4", "int8")
+
+
+def _check_quantization(quantization: str) -> None:
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}; QLoRA uses 'nf4'.")
+
+
+def _targets(model: nn.Module, skip_modules: Sequence[str]) -> list[str]:
+    """Paths of the ``nn.Linear`` modules to quantize: all but those whose full path or last segment is skipped.
+
+    Raises:
+        ValueError: if a target shares its weight with another module (tied embeddings): quantizing it would
+            silently untie them, and a later ``tie_weights()`` would overwrite the quantized layer.
+    """
+    skip = set(skip_modules)
+    owners: dict[int, list[str]] = {}
+    for path, module in model.named_modules():
+        for name, param in module.named_parameters(recurse=False):
+            owners.setdefault(id(param), []).append(f"{path}.{name}" if path else name)
+    paths = []
+    for path, module in model.named_modules():
+        if not isinstance(module, nn.Linear) or path in skip or path.rsplit(".", 1)[-1] in skip:
+            continue
+        tied = [p for p in owners.get(id(module.weight), []) if p != f"{path}.weight"]
+        if tied:
+            raise ValueError(
+                f"{path}.weight is tied to {tied[0]}; add {path.rsplit('.', 1)[-1]!r} to skip_modules "
+                "(tied embeddings stay in full precision)."
+            )
+        paths.append(path)
+    return paths
+
+
+def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, name, module)
+
+
+def _empty_quantized(linear: nn.Linear, quantization: str, double_quant: bool, compute_dtype, blocksize) -> nn.Module:
+    if quantization == "int8":
+        return Int8Linear(linear.in_features, linear.out_features, linear.bias is not None, compute_dtype, "meta")
+    return NF4Linear(
+        linear.in_features, linear.out_features, linear.bias is not None,
+        quantization, blocksize, double_quant, compute_dtype, "meta",
+    )  # fmt: skip
+
+
+@torch.no_grad()
+def quantize_model_(
+    model: nn.Module,
+    quantization: str = "nf4",
+    double_quant: bool = True,
+    compute_dtype: torch.dtype = torch.bfloat16,
+    skip_modules: Sequence[str] = ("lm_head",),
+    blocksize: int = 64,
+) -> nn.Module:
+    """Replace every targeted ``nn.Linear`` of ``model`` in place by ``NF4Linear`` / ``Int8Linear``.
+
+    Layers are converted one at a time and the original is dropped right away, so the extra memory is one
+    layer's worth (the fp weight is freed unless something else still references it).
+
+    Args:
+        model (nn.Module): any model; it is modified in place and returned.
+        quantization (str): ``"nf4"``, ``"fp4"`` or ``"int8"``. Default ``"nf4"``.
+        double_quant (bool): 8-bit quantize the 4-bit block scales (ignored for int8). Default True.
+        compute_dtype (torch.dtype): dtype the quantized layers compute in. Default ``torch.bfloat16``.
+        skip_modules (Sequence[str]): module paths, or last path segments, left in full precision.
+            Default ``("lm_head",)``.
+        blocksize (int): 4-bit blocksize (ignored for int8). Default 64.
+
+    Returns:
+        nn.Module: ``model``.
+
+    Raises:
+        ValueError: for an unknown quantization, a bad blocksize, or a tied target (see ``_targets``).
+
+    Example:
+        >>> model = quantize_model_(model, "nf4", compute_dtype=torch.bfloat16)
+    """
+    _check_quantization(quantization)
+    for path in _targets(model, skip_modules):
+        linear = model.get_submodule(path)
+        if quantization == "int8":
+            new = Int8Linear.from_linear(linear, compute_dtype)
+        else:
+            new = NF4Linear.from_linear(linear, quantization, blocksize, double_quant, compute_dtype)
+        new.train(linear.training)
+        _set_submodule(model, path, new)
+        del linear, new  # the fp32 weight goes with the last reference
+    return model
+
+
+@contextlib.contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Create every ``nn.Parameter`` on the meta device but buffers on CPU.
+
+    ``with torch.device("meta")`` would also put non-persistent buffers (e.g. RoPE ``inv_freq``, computed in
+    ``__init__`` and absent from checkpoints) on meta, and nothing would restore them. Not thread-safe:
+    ``nn.Module.register_parameter`` is patched for the duration.
+    """
+    original = nn.Module.register_parameter
+
+    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        original(module, name, param)
+
+    nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original
+
+
+def _shards(checkpoint_dir: str) -> list[str]:
+    index = os.path.join(checkpoint_dir, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            names = sorted(set(json.load(f)["weight_map"].values()))
+        return [os.path.join(checkpoint_dir, n) for n in names]
+    files = sorted(glob.glob(os.path.join(checkpoint_dir, "*.safetensors")))
+    if not files:
+        raise ValueError(f"no *.safetensors files in {checkpoint_dir!r}; save the model with save_pretrained first.")
+    return files
+
+
+def _set_tensor(model: nn.Module, key: str, value: torch.Tensor) -> None:
+    """Replace parameter or buffer ``key`` (a meta placeholder or a real tensor) by ``value``."""
+    path, _, name = key.rpartition(".")
+    module = model.get_submodule(path) if path else model
+    if name in module._parameters:
+        old = module._parameters[name]
+        module._parameters[name] = nn.Parameter(value, requires_grad=old.requires_grad)
+    elif name in module._buffers:
+        module._buffers[name] = value
+    else:
+        raise KeyError(key)
+
+
+@torch.no_grad()
+def load_quantized(
+    checkpoint_dir: str,
+    quantization: str = "nf4",
+    double_quant: bool = True,
+    compute_dtype: torch.dtype = torch.bfloat16,
+    skip_modules: Sequence[str] = ("lm_head",),
+    dtype: torch.dtype = torch.float32,
+    blocksize: int = 64,
+) -> nn.Module:
+    """Load a transformers causal LM from ``checkpoint_dir`` with its linears quantized while streaming.
+
+    Steps: config -> ``AutoModelForCausalLM.from_config`` with parameters on meta -> swap targets for empty
+    quantized modules -> for each tensor of each ``*.safetensors`` shard (``safetensors.safe_open``): a target's
+    ``weight`` is quantized on arrival (or, for a bitsandbytes checkpoint, its packed tensors are gathered and
+    loaded through ``load_state_dict``); every other tensor is cast to ``dtype`` and set -> ``model.tie_weights()``.
+    The result equals ``quantize_model_`` applied to the same checkpoint loaded in full precision.
+
+    Args:
+        checkpoint_dir (str): a directory written by ``save_pretrained`` (config.json + safetensors).
+        quantization (str): ``"nf4"``, ``"fp4"`` or ``"int8"``. Default ``"nf4"``.
+        double_quant (bool): 8-bit quantize the 4-bit block scales. Default True.
+        compute_dtype (torch.dtype): dtype the quantized layers compute in. Default ``torch.bfloat16``.
+        skip_modules (Sequence[str]): module paths or last segments kept in full precision. Default ``("lm_head",)``.
+        dtype (torch.dtype): dtype of all non-quantized parameters and the model's default. Default float32.
+        blocksize (int): 4-bit blocksize. Default 64.
+
+    Returns:
+        nn.Module: the model on CPU, in eval mode as transformers leaves it after loading.
+
+    Raises:
+        ValueError: for a bad quantization, no safetensors files, checkpoint tensors the model lacks, or
+            model tensors the checkpoint lacks.
+    """
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    _check_quantization(quantization)
+    config = AutoConfig.from_pretrained(checkpoint_dir)
+    if getattr(config, "quantization_config", None) is not None:
+        del config.quantization_config  # pre-quantized tensors are read below, not by transformers
+    with _parameters_on_meta():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    targets = _targets(model, skip_modules)
+    for path in targets:
+        empty = _empty_quantized(model.get_submodule(path), quantization, double_quant, compute_dtype, blocksize)
+        _set_submodule(model, path, empty)
+    target_set = set(targets)
+    expected = {k for k in model.state_dict(keep_vars=True) if _owner(k, target_set) is None}
+    pieces: dict[str, dict[str, torch.Tensor]] = {p: {} for p in targets}  # per target: bias, pre-quantized parts
+    quantized_from_float: set[str] = set()
+    unexpected: list[str] = []
+    for shard in _shards(checkpoint_dir):
+        with safe_open(shard, framework="pt", device="cpu") as f:
+            for key in f.keys():
+                owner = _owner(key, target_set)
+                tensor = f.get_tensor(key)
+                if owner is None and key not in expected:
+                    unexpected.append(key)
+                elif owner is None:
+                    _set_tensor(model, key, tensor.to(dtype) if tensor.is_floating_point() else tensor)
+                elif key == f"{owner}.weight" and tensor.is_floating_point() and tensor.dim() == 2:
+                    # quantize on arrival, from the same values quantize_model_ would see in a model loaded in dtype
+                    model.get_submodule(owner).set_weight_(tensor.to(dtype))
+                    quantized_from_float.add(owner)
+                else:  # bias, or a piece of a pre-quantized (bitsandbytes) weight
+                    pieces[owner][key[len(owner) + 1 :]] = tensor
+                del tensor  # the full-precision tensor is freed before the next one is read
+    for path, parts in pieces.items():
+        if "bias" in parts:
+            parts["bias"] = parts["bias"].to(dtype)
+        if path in quantized_from_float:
+            if "bias" in parts:
+                _set_tensor(model, f"{path}.bias", parts.pop("bias"))
+            unexpected += [f"{path}.{k}" for k in parts]
+        elif "weight" in parts:
+            try:
+                model.get_submodule(path).load_state_dict(parts, strict=True)
+            except RuntimeError as e:
+                raise ValueError(f"cannot load the pre-quantized tensors of {path!r}: {e}") from e
+    model.tie_weights()
+    state = model.state_dict(keep_vars=True)
+    missing = sorted(k for k, v in state.items() if v is not None and v.device.type == "meta")
+    if unexpected or missing:
+        raise ValueError(
+            f"checkpoint {checkpoint_dir!r} does not match the model built from its config: unexpected tensors "
+            f"{sorted(unexpected)[:5]} ({len(unexpected)} in all), missing {missing[:5]} ({len(missing)} in all); "
+            "was it written by save_pretrained of this architecture?"
+        )
+    return model.eval()
+
+
+def _owner(key: str, targets: set[str]) -> str | None:
+    """The target module path a checkpoint key belongs to (``a.b.weight.absmax`` -> ``a.b``), else None."""
+    parts = key.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        if ".".join(parts[:i]) in targets:
+            return ".".join(parts[:i])
+    return None

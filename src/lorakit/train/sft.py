@@ -1,0 +1,227 @@
+"""`train_sft`: supervised fine-tuning with LoRA, QLoRA or every weight trainable, as one top-to-bottom function."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..adapters import TrainableReport, trainable_parameters
+from ..config import LoraConfig
+from ..data import SFTDataset, collate_sft, load_splits
+from ..evaluate import exact_match, validation_loss
+from ..inject import add_adapter
+from ..models import load_model
+from ..optim import build_optimizer
+from ..peft_format import save_adapter
+from ..tasks import get_task, make_split
+from .args import SFTArgs
+from .common import (MetricsLog, TrainState, cosine_schedule, latest_checkpoint, load_checkpoint, plot_losses,
+                     save_checkpoint, seed_everything, sft_loss)
+
+__all__ = ["train_sft", "TrainResult", "batch_indices", "save_trainable", "load_trainable"]
+
+
+@dataclass
+class TrainResult:
+    """What a run produced and measured."""
+
+    adapter_dir: Path | None
+    base_accuracy: float | None
+    tuned_accuracy: float | None
+    best_val_loss: float | None
+    final_val_loss: float | None
+    steps: int
+    seconds: float
+    trainable: TrainableReport
+    plot_path: Path | None
+    metrics_path: Path
+
+
+def batch_indices(micro: int, n_examples: int, batch_size: int, seed: int) -> list[int]:
+    """Example indices of micro-batch number ``micro``: a fresh seeded permutation each epoch.
+
+    A pure function of its arguments, so resuming at micro-batch ``k`` replays exactly the data order of an
+    uninterrupted run.
+    """
+    per_epoch = max(1, n_examples // batch_size)
+    epoch, slot = divmod(micro, per_epoch)
+    perm = torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    return perm[slot * batch_size:(slot + 1) * batch_size].tolist()
+
+
+def save_trainable(model: nn.Module, path: Path) -> None:
+    """Every trainable parameter under its module path, as safetensors (checkpoints for LoRA and full runs)."""
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    save_file(tensors, path / "trainable.safetensors")
+
+
+def load_trainable(model: nn.Module, path: Path) -> None:
+    """Copy the tensors :func:`save_trainable` wrote back into ``model`` (names must match exactly)."""
+    tensors = load_file(path / "trainable.safetensors")
+    params = dict(model.named_parameters())
+    missing = sorted(set(tensors) - set(params))
+    if missing:
+        raise ValueError(f"{path}: checkpoint tensors {missing[:3]} are not in this model; was the config changed?")
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            params[name].copy_(tensor)
+
+
+def _data(args: SFTArgs):
+    if args.train_file:
+        train, val = load_splits(args.train_file, args.val_file, val_fraction=args.val_fraction, seed=args.seed,
+                                 skip_bad=args.skip_bad_rows)
+        return train, val, None
+    task = get_task(args.task)
+    train, val = make_split(task, args.n_train, args.n_eval, seed=args.seed)
+    return train, val, task
+
+
+def train_sft(args: SFTArgs) -> TrainResult:
+    """Fine-tune ``args.model`` on ``args``' data and save the adapter (or full model) to ``args.output_dir``.
+
+    Steps: load the base (quantized for QLoRA) → tokenize the data → base accuracy → add the adapter → loop
+    (accumulate, clip, step, schedule, log, evaluate, checkpoint) → save → tuned accuracy → plot.
+
+    Returns:
+        A :class:`TrainResult`. Files: ``adapter/`` (PEFT format) or ``model/`` (full fine-tuning), ``best/``
+        (lowest validation loss, when evaluating during training), ``checkpoint-<step>/``, ``metrics.jsonl``,
+        ``loss.png``, ``summary.json``.
+    """
+    started = time.perf_counter()
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    seed_everything(args.seed)
+    dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
+
+    # --- model and data
+    model, tokenizer = load_model(args.model, quantization="nf4" if args.method == "qlora" else None,
+                                  compute_dtype=dtype, dtype=torch.float32 if args.method == "qlora" else dtype)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    train_rows, val_rows, task = _data(args)
+    train_set = SFTDataset(train_rows, tokenizer, args.max_length, completion_only=args.completion_only,
+                           skip_bad=args.skip_bad_rows, pack=args.packing)
+    val_set = SFTDataset(val_rows, tokenizer, args.max_length) if val_rows else None
+    if len(train_set) < args.batch_size:
+        raise ValueError(f"{len(train_set)} training examples < batch_size={args.batch_size}; add data or lower it")
+    accuracy_rows = val_rows if (task is not None and args.eval_accuracy) else []
+    base_accuracy = None
+    if accuracy_rows and not args.resume:
+        base_accuracy, _ = exact_match(model, tokenizer, accuracy_rows, task.score, progress=args.progress,
+                                       desc="base accuracy")
+
+    # --- adapter (or every weight for the full fine-tuning baseline)
+    if args.method == "full":
+        model.requires_grad_(True)
+    else:
+        add_adapter(model, LoraConfig(r=args.r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                                      target_modules=args.target_modules, init_lora_weights=args.init_lora_weights,
+                                      use_rslora=args.use_rslora))
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    report = trainable_parameters(model)
+
+    # --- optimizer and schedule
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(args.optimizer, params, lr=args.lr, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: cosine_schedule(s, args.warmup_steps, args.max_steps, args.min_lr_ratio))
+    state = TrainState()
+    resume_from = latest_checkpoint(out) if args.resume else None
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, lambda p: load_trainable(model, p), optimizer, scheduler)
+    metrics = MetricsLog(out / "metrics.jsonl", fresh=resume_from is None)
+    pad = tokenizer.pad_token_id
+
+    # --- loop
+    model.train()
+    bar = tqdm(total=args.max_steps, initial=state.step, desc="train", disable=not args.progress)
+    while state.step < args.max_steps:
+        step_start = time.perf_counter()
+        batches = []
+        for _ in range(args.grad_accum):
+            idx = batch_indices(state.micro, len(train_set), args.batch_size, args.seed)
+            batches.append(collate_sft([train_set[i] for i in idx], pad))
+            state.micro += 1
+        window_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+        loss_total = 0.0
+        for batch in batches:
+            loss_sum, _ = sft_loss(model, batch)
+            (loss_sum / window_tokens).backward()  # mean over every labelled token of the window
+            loss_total += loss_sum.item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm) if args.max_grad_norm else None
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        seconds = time.perf_counter() - step_start
+        state.elapsed += seconds
+        n_tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
+                       for b in batches)
+        row = {"step": state.step, "loss": loss_total / window_tokens, "lr": scheduler.get_last_lr()[0],
+               "tokens_per_s": n_tokens / seconds, "grad_norm": float(grad_norm) if grad_norm is not None else None,
+               "elapsed_s": state.elapsed}
+        if val_set is not None and args.eval_every and state.step % args.eval_every == 0:
+            row["val_loss"] = validation_loss(model, tokenizer, val_set)
+            if row["val_loss"] < state.best_val_loss:
+                state.best_val_loss, state.evals_without_improvement = row["val_loss"], 0
+                _save_result(model, args, out / "best")
+            else:
+                state.evals_without_improvement += 1
+        metrics.write(**row)
+        state.history.append(row)
+        bar.update(1)
+        bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.1e}", tok_s=f"{row['tokens_per_s']:.0f}")
+        if args.save_every and state.step % args.save_every == 0:
+            save_checkpoint(out, state.step, lambda p: save_trainable(model, p), optimizer, scheduler, state)
+        if args.early_stopping_patience and state.evals_without_improvement >= args.early_stopping_patience:
+            tqdm.write(f"early stop at step {state.step}: no better validation loss in "
+                       f"{args.early_stopping_patience} evaluations")
+            break
+    bar.close()
+
+    # --- save and evaluate
+    final_val = validation_loss(model, tokenizer, val_set) if val_set is not None else None
+    if final_val is not None:
+        state.history.append({"step": state.step, "val_loss": final_val})
+        metrics.write(step=state.step, val_loss=final_val)
+        state.best_val_loss = min(state.best_val_loss, final_val)
+    adapter_dir = _save_result(model, args, out / ("model" if args.method == "full" else "adapter"), tokenizer)
+    tuned_accuracy = None
+    if accuracy_rows:
+        tuned_accuracy, _ = exact_match(model, tokenizer, accuracy_rows, task.score, progress=args.progress,
+                                        desc="tuned accuracy")
+    plot = plot_losses(state.history, out / "loss.png", f"{args.method} on {args.task or args.train_file}")
+    result = TrainResult(adapter_dir, base_accuracy, tuned_accuracy,
+                         state.best_val_loss if state.best_val_loss < float("inf") else None, final_val, state.step,
+                         time.perf_counter() - started, report, plot, metrics.path)
+    _write_summary(out / "summary.json", result)
+    return result
+
+
+def _save_result(model: nn.Module, args: SFTArgs, path: Path, tokenizer=None) -> Path:
+    if args.method == "full":
+        model.save_pretrained(path)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(path)
+    else:
+        save_adapter(model, path)
+    return path
+
+
+def _write_summary(path: Path, result: TrainResult) -> None:
+    import json
+
+    data = {k: (str(v) if isinstance(v, Path) else v) for k, v in result.__dict__.items() if k != "trainable"}
+    data.update(trainable=result.trainable.trainable, total=result.trainable.total, percent=result.trainable.percent)
+    path.write_text(json.dumps(data, indent=2) + "\n")
