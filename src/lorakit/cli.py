@@ -2,8 +2,8 @@
 
 Everything a subcommand does is a library call (``lorakit.train.train_sft``, ``lorakit.evaluate.exact_match``,
 ``lorakit.merge_and_unload``, ``lorakit.inspect.check_fit``, ``lorakit.estimate.estimate_training``, …), so it can
-be tested and scripted without the command line. Errors a user can fix (a typo in a config key, a task name or an option,
-a missing file, an adapter for another base) print one ``lorakit: error: …`` line and exit with status 2;
+be tested and scripted without the command line. Errors a user can fix (a typo in a config key, a task name or an
+option, a missing file, an adapter for another base) print one ``lorakit: error: …`` line and exit with status 2;
 ``--debug`` shows the traceback instead.
 """
 

@@ -8,19 +8,20 @@ weight at r=16, 4.69% at r=64.
 
 Memory per method (bytes; N = base parameters, n = LoRA parameters, s = bytes of ``dtype``):
 
-============  =========================================  ==============  ==============
-method        weights                                    gradients       AdamW states
-============  =========================================  ==============  ==============
-full          N · s                                      N · s           N · 8
-LoRA          N · s + n · 4 (adapters in float32)        n · 4           n · 8
-QLoRA         N_lin · 4.127 / 8 + (N − N_lin) · s + n · s  n · s         n · 8
-============  =========================================  ==============  ==============
+======  ===============================================  =========  ============
+method  weights                                          gradients  AdamW states
+======  ===============================================  =========  ============
+full    N · s                                            N · s      N · 8
+LoRA    N · s + n · 4 (adapters in float32)              n · 4      n · 8
+QLoRA   N_lin · 4.127 / 8 + (N − N_lin) · s + n · s      n · s      n · 8
+======  ===============================================  =========  ============
 
 N_lin are the decoder's linear weights, which QLoRA stores in NF4: 4 bits per weight, one 8-bit absmax per
 64-weight block and one float32 scale per 256 blocks (double quantization) = 4 + 8/64 + 32/(64·256) = 4.127 bits.
-The output head and the embeddings stay in ``dtype``, as :func:`lorakit.load_model` keeps them. AdamW holds two
-float32 moments per trainable parameter. Activations: see Note: activation estimate. The CUDA context, allocator
-slack and temporary buffers are not counted; leave ~10-20% headroom.
+The embeddings, norms and output head stay in ``dtype`` (lorakit's ``train_sft`` keeps them in float32 for QLoRA:
+estimate with ``dtype="float32"`` to match it); QLoRA adapters train in the compute dtype, as lorakit does. AdamW
+holds two float32 moments per trainable parameter. Activations: see Note: activation estimate. The CUDA context,
+allocator slack and temporary buffers are not counted; leave ~10-20% headroom.
 """
 
 from __future__ import annotations

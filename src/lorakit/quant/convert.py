@@ -179,7 +179,8 @@ def load_quantized(
     quantized modules -> for each tensor of each ``*.safetensors`` shard (``safetensors.safe_open``): a target's
     ``weight`` is quantized on arrival (or, for a bitsandbytes checkpoint, its packed tensors are gathered and
     loaded through ``load_state_dict``); every other tensor is cast to ``dtype`` and set -> ``model.tie_weights()``.
-    The result equals ``quantize_model_`` applied to the same checkpoint loaded in full precision.
+    The result equals ``quantize_model_`` applied to ``from_pretrained(checkpoint_dir, dtype=dtype)``. For a
+    pre-quantized checkpoint the stored quant_type / blocksize / double quantization win over the arguments.
 
     Args:
         checkpoint_dir (str): a directory written by ``save_pretrained`` (config.json + safetensors).
@@ -219,10 +220,11 @@ def load_quantized(
         with safe_open(shard, framework="pt", device="cpu") as f:
             for key in f.keys():
                 owner = _owner(key, target_set)
-                tensor = f.get_tensor(key)
                 if owner is None and key not in expected:
                     unexpected.append(key)
-                elif owner is None:
+                    continue
+                tensor = f.get_tensor(key)
+                if owner is None:
                     _set_tensor(model, key, tensor.to(dtype) if tensor.is_floating_point() else tensor)
                 elif key == f"{owner}.weight" and tensor.is_floating_point() and tensor.dim() == 2:
                     # quantize on arrival, from the same values quantize_model_ would see in a model loaded in dtype
