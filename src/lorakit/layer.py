@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import base_shape, dense_weight, set_dense_weight
+from .fused import lora_linear
 
 __all__ = ["LoraLinear", "lora_delta"]
 
@@ -122,6 +123,11 @@ class LoraLinear(nn.Module):
     # --- forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fast = self._fused_adapter(x)
+        if fast is not None:  # See Note: fused dense LoRA (lorakit.fused)
+            A, B = self.lora_A[fast].weight, self.lora_B[fast].weight
+            return lora_linear(x, self.base_layer.weight, self.base_layer.bias, A, B, self.scaling[fast],
+                               self.lora_dropout[fast], self.training)
         result = self.base_layer(x)
         if self.disabled:
             return result
@@ -136,6 +142,15 @@ class LoraLinear(nn.Module):
                 xa = F.dropout(xa, p, training=True)  # See Note: cheap dropout
             result = _add_low_rank(result, xa, B, self.scaling[name])
         return result
+
+    def _fused_adapter(self, x: torch.Tensor) -> str | None:
+        """The one unmerged active adapter when the base is a plain ``nn.Linear`` of ``x``'s dtype, else None."""
+        if self.disabled or len(self.active_adapters) != 1 or type(self.base_layer) is not nn.Linear:
+            return None
+        name = self.active_adapters[0]
+        if name in self.merged_adapters or self.lora_A[name].weight.dtype != x.dtype:
+            return None
+        return name if self.base_layer.weight.dtype == x.dtype else None
 
     # --- merge
 
