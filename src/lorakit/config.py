@@ -37,6 +37,13 @@ _NEUTRAL_PEFT_FIELDS: dict[str, Any] = {
     "use_qalora": False,
     "qalora_group_size": 16,
     "ensure_weight_tying": False,
+    "arrow_config": None,
+    "kasa_config": None,
+    "lora_ga_config": None,
+    "monteclora_config": None,
+    "use_bdlora": False,
+    "velora_config": None,
+    "mica_config": None,
 }
 
 

@@ -10,6 +10,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .adapters import active_adapters, merge_adapter, unmerge_adapter
+from .base import QuantizedBase
 from .data import SFTDataset, collate_sft, encode_prompt
 from .tasks import row_answer, score_exact
 
@@ -39,7 +40,9 @@ def generate_answers(model: nn.Module, tokenizer: Any, prompts: Sequence[Any], b
     answers: list[str] = [""] * len(encoded)
     was_training = model.training
     model.eval()
-    merged = bool(active_adapters(model))
+    # Merging removes the per-token LoRA cost while decoding; a quantized base would be re-quantized by it, so it
+    # keeps its adapters unmerged.
+    merged = bool(active_adapters(model)) and not any(isinstance(m, QuantizedBase) for m in model.modules())
     if merged:
         merge_adapter(model)
     try:

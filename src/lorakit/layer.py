@@ -17,12 +17,13 @@ Note: cheap dropout
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import base_shape, dense_weight, set_dense_weight
+from .base import QuantizedBase, base_shape, dense_weight, set_dense_weight
 from .fused import lora_linear
 
 __all__ = ["LoraLinear", "lora_delta"]
@@ -168,6 +169,10 @@ class LoraLinear(nn.Module):
         names = self._unmerged_active(adapter_names)
         if not names:
             return
+        if isinstance(self.base_layer, QuantizedBase):
+            warnings.warn("merging into a quantized base re-quantizes the merged weight, so outputs differ from the "
+                          "adapter model (check with lorakit.verify_merge); to deploy, dequantize first with "
+                          "lorakit.quant.dequantize_model_(model, torch.bfloat16) and merge in 16-bit", stacklevel=3)
         weight = dense_weight(self.base_layer)
         merged = weight.to(torch.float32) if weight.dtype != torch.float32 else weight.clone()
         for name in names:

@@ -1,6 +1,6 @@
 """Quantized frozen base layers for QLoRA: NF4/FP4 (4-bit) and row-wise int8, bitsandbytes-compatible."""
 
-from lorakit.quant.convert import QUANTIZATIONS, load_quantized, quantize_model_
+from lorakit.quant.convert import QUANTIZATIONS, dequantize_model_, load_quantized, quantize_model_
 from lorakit.quant.dynamic8 import dequantize_blockwise, dynamic_map, quantize_blockwise
 from lorakit.quant.int8_linear import Int8Linear, dequantize_int8_rowwise, quantize_int8_rowwise
 from lorakit.quant.nf4 import (
@@ -23,6 +23,7 @@ __all__ = [
     "Int8Linear",
     "NF4Linear",
     "code_4bit",
+    "dequantize_model_",
     "dequantize_4bit",
     "dequantize_blockwise",
     "dequantize_int8_rowwise",

@@ -21,7 +21,7 @@ from torch import nn
 from lorakit.quant.int8_linear import Int8Linear
 from lorakit.quant.nf4_linear import NF4Linear
 
-__all__ = ["QUANTIZATIONS", "quantize_model_", "load_quantized"]
+__all__ = ["dequantize_model_", "QUANTIZATIONS", "quantize_model_", "load_quantized"]
 
 QUANTIZATIONS = ("nf4", "fp4", "int8")
 
@@ -264,3 +264,28 @@ def _owner(key: str, targets: set[str]) -> str | None:
         if ".".join(parts[:i]) in targets:
             return ".".join(parts[:i])
     return None
+
+
+def dequantize_model_(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+    """Replace every quantized linear (including those inside LoRA layers) by an ``nn.Linear`` in ``dtype``.
+
+    The recommended way to deploy a QLoRA adapter: dequantize the base, then merge in ``dtype``, so the merged
+    weights are not rounded to 4 bits a second time (merging into the 4-bit base re-quantizes and changes outputs).
+
+    Returns:
+        ``model``, modified in place.
+    """
+    from lorakit.base import QuantizedBase
+
+    for path, module in list(model.named_modules()):
+        if not path or not isinstance(module, QuantizedBase):
+            continue
+        dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, dtype=dtype,
+                          device=module.dequantize().device)
+        with torch.no_grad():
+            dense.weight.copy_(module.dequantize().to(dtype))
+            if module.bias is not None:
+                dense.bias.copy_(module.bias.to(dtype))
+        dense.requires_grad_(False)
+        _set_submodule(model, path, dense)
+    return model
