@@ -174,9 +174,15 @@ class LoraLinear(nn.Module):
                           "adapter model (check with lorakit.verify_merge); to deploy, dequantize first with "
                           "lorakit.quant.dequantize_model_(model, torch.bfloat16) and merge in 16-bit", stacklevel=3)
         weight = dense_weight(self.base_layer)
+        if weight.dtype == torch.float32 and not safe_merge and type(self.base_layer) is nn.Linear:
+            for name in names:  # in place, one pass over the weight per adapter
+                weight.addmm_(self.lora_B[name].weight.float(), self.lora_A[name].weight.float(),
+                              alpha=self.scaling[name])
+            self.merged_adapters.extend(names)
+            return
         merged = weight.to(torch.float32) if weight.dtype != torch.float32 else weight.clone()
         for name in names:
-            merged += lora_delta(self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name])
+            merged.addmm_(self.lora_B[name].weight.float(), self.lora_A[name].weight.float(), alpha=self.scaling[name])
         if safe_merge and not torch.isfinite(merged).all():
             raise ValueError(f"merging adapters {names} gives non-finite weights; the base was left unchanged")
         set_dense_weight(self.base_layer, merged)
@@ -190,10 +196,14 @@ class LoraLinear(nn.Module):
         names = [n for n in reversed(self.merged_adapters) if adapter_names is None or n in adapter_names]
         if not names:
             return
-        weight = dense_weight(self.base_layer).to(torch.float32)
+        weight = dense_weight(self.base_layer)
+        in_place = weight.dtype == torch.float32 and type(self.base_layer) is nn.Linear
+        weight = weight if in_place else weight.to(torch.float32)
         for name in names:
-            weight -= lora_delta(self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name])
+            weight.addmm_(self.lora_B[name].weight.float(), self.lora_A[name].weight.float(), alpha=-self.scaling[name])
             self.merged_adapters.remove(name)
+        if in_place:
+            return
         set_dense_weight(self.base_layer, weight)
 
     def extra_repr(self) -> str:

@@ -1,0 +1,142 @@
+"""QLoRA: lorakit's NF4 vs bitsandbytes (+ PEFT), side by side in one process, on SmolLM2-135M-Instruct (CPU).
+
+Comparisons (one JSON line each; ratio = lorakit / peer):
+- nf4_quantize_dequantize: NF4 + double quantization of every linear weight of the model, then dequantization.
+- qlora_train_step: LoRA r16 α32 all-linear on an NF4 base (compute float32), batch × seq tokens, vs PEFT on a
+  transformers + bitsandbytes 4-bit model with the same settings; also peak RSS growth during the steps.
+- qlora_vs_lora_fp32: the QLoRA step vs lorakit's own float32 LoRA step.
+- qlora_inference: one forward of batch 1 × 64 tokens with the adapter unmerged.
+- model_bytes_per_param: memory of the quantized linear weights (packed + stats) per parameter.
+
+Usage: python bench/bench_qlora.py [--repeats 5] [--threads 2] [--batch 4] [--seq 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import time
+
+import torch
+
+import lorakit
+from lorakit.quant import NF4Linear, dequantize_4bit, double_dequantize, double_quantize, quantize_4bit
+
+from bench_sft import PeakRSS  # noqa: E402  (same folder)
+
+
+def median_time(fn, repeats):
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def alternate(fns, repeats):
+    for fn in fns.values():
+        fn()
+    out = {k: [] for k in fns}
+    peaks = {k: 0 for k in fns}
+    names = list(fns)
+    for i in range(repeats):
+        for k in names[i % len(names):] + names[:i % len(names)]:
+            with PeakRSS() as mem:
+                start = time.perf_counter()
+                fns[k]()
+                out[k].append(time.perf_counter() - start)
+            peaks[k] = max(peaks[k], mem.growth)
+    return {k: statistics.median(v) for k, v in out.items()}, peaks
+
+
+def emit(**row):
+    print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=256)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    import bitsandbytes.functional as bnbf
+    import peft
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from lorakit.models import embedded_model_path
+
+    base, _ = lorakit.load_model()
+    weights = [m.weight.detach() for n, m in base.named_modules()
+               if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")]
+
+    # --- quantize + dequantize every linear weight
+    def ours_q():
+        for w in weights:
+            packed, absmax = quantize_4bit(w, 64, "nf4")
+            q, nested, offset = double_quantize(absmax)
+            dequantize_4bit(packed, double_dequantize(q, nested, offset), w.shape, 64, "nf4", torch.float32)
+
+    def bnb_q():
+        for w in weights:
+            packed, state = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+            bnbf.dequantize_4bit(packed, state)
+
+    t, _ = alternate({"ours": ours_q, "peer": bnb_q}, args.repeats)
+    emit(name="nf4_quantize_dequantize_model", lorakit_s=t["ours"], peer_s=t["peer"], ratio=t["ours"] / t["peer"])
+
+    # --- models
+    kw = dict(r=16, lora_alpha=32, target_modules="all-linear")
+    ours, _ = lorakit.load_model(quantization="nf4", compute_dtype=torch.float32)
+    lorakit.add_adapter(ours, lorakit.LoraConfig(**kw))
+    bnb_model = AutoModelForCausalLM.from_pretrained(
+        embedded_model_path(), dtype=torch.float32, device_map="cpu",
+        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                               bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32))
+    theirs = peft.get_peft_model(bnb_model, peft.LoraConfig(task_type="CAUSAL_LM", **kw))
+    fp32 = lorakit.add_adapter(copy.deepcopy(base), lorakit.LoraConfig(**kw))
+    del base
+    packed_bytes = sum(b.numel() * b.element_size() for m in ours.modules() if isinstance(m, NF4Linear)
+                       for b in m.buffers())
+    n_quant = sum(m.in_features * m.out_features for m in ours.modules() if isinstance(m, NF4Linear))
+    emit(name="model_bytes_per_param", lorakit=packed_bytes / n_quant, bits=8 * packed_bytes / n_quant)
+
+    batch = torch.randint(0, 49152, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
+
+    def step_fn(model):
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        model.train()
+
+        def step():
+            model(input_ids=batch, labels=batch).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return step
+
+    t, peaks = alternate({"ours": step_fn(ours), "peer": step_fn(theirs), "fp32": step_fn(fp32)}, args.repeats)
+    emit(name="qlora_train_step", lorakit_s=t["ours"], peer_s=t["peer"], ratio=t["ours"] / t["peer"],
+         lorakit_peak_rss_mb=peaks["ours"] / 2**20, peer_peak_rss_mb=peaks["peer"] / 2**20,
+         rss_ratio=peaks["ours"] / max(peaks["peer"], 1))
+    emit(name="qlora_vs_lora_fp32_step", lorakit_s=t["ours"], peer_s=t["fp32"], ratio=t["ours"] / t["fp32"])
+
+    # --- inference, adapter unmerged
+    prompt = batch[:1, :64]
+    ours.eval(), theirs.eval()
+
+    def infer(model):
+        def run():
+            with torch.no_grad():
+                model(input_ids=prompt)
+        return run
+
+    t, _ = alternate({"ours": infer(ours), "peer": infer(theirs)}, args.repeats * 2)
+    emit(name="qlora_inference_1x64", lorakit_s=t["ours"], peer_s=t["peer"], ratio=t["ours"] / t["peer"])
+
+
+if __name__ == "__main__":
+    main()
