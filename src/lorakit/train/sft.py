@@ -111,7 +111,8 @@ def train_sft(args: SFTArgs) -> TrainResult:
     train_rows, val_rows, task = _data(args)
     train_set = SFTDataset(train_rows, tokenizer, args.max_length, completion_only=args.completion_only,
                            skip_bad=args.skip_bad_rows, pack=args.packing)
-    val_set = SFTDataset(val_rows, tokenizer, args.max_length) if val_rows else None
+    loss_rows = val_rows[:args.val_loss_rows] if args.val_loss_rows else val_rows
+    val_set = SFTDataset(loss_rows, tokenizer, args.max_length) if loss_rows else None
     if len(train_set) < args.batch_size:
         raise ValueError(f"{len(train_set)} training examples < batch_size={args.batch_size}; add data or lower it")
     accuracy_rows = val_rows if (task is not None and args.eval_accuracy) else []
