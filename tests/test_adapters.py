@@ -53,7 +53,7 @@ def test_trainable_report_counts(tiny_llama):
 
 
 def test_bias_modes_make_biases_trainable():
-    from conftest import TinyMLP
+    from lorakit_testing import TinyMLP
 
     model = TinyMLP()
     add_adapter(model, LoraConfig(target_modules=["up"], bias="lora_only"))

@@ -11,7 +11,7 @@ import yaml
 
 import lorakit
 import lorakit.train
-from conftest import make_tiny_llama
+from lorakit_testing import make_tiny_llama
 from lorakit import LoraConfig, add_adapter, save_adapter
 from lorakit.cli import main
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import make_tiny_llama, tiny_llama_config
+from lorakit_testing import make_tiny_llama, tiny_llama_config
 from lorakit import LoraConfig, add_adapter, trainable_parameters
 from lorakit.estimate import (NF4_BITS, ModelShape, activation_bytes, estimate_training, format_bytes,
                               lora_fraction, lora_params, read_config)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import make_tiny_llama
+from lorakit_testing import make_tiny_llama
 from lorakit import LoraConfig, add_adapter, load_adapter, save_adapter
 from lorakit.init import to_plain_lora
 

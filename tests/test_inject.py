@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import TinyMLP, make_tiny_llama
+from lorakit_testing import TinyMLP, make_tiny_llama
 from lorakit import LoraConfig, LoraLinear, add_adapter, merge_and_unload, unload
 
 

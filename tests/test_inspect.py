@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import make_tiny_llama, tiny_llama_config
+from lorakit_testing import make_tiny_llama, tiny_llama_config
 from lorakit import LoraConfig, add_adapter, load_adapter, save_adapter
 from lorakit.inspect import check_fit, format_inspection, inspect_adapter
 

@@ -126,3 +126,13 @@ def test_gradients_reach_only_lora():
     layer(torch.randn(3, 12)).sum().backward()
     assert layer.lora_A["a"].weight.grad is not None and layer.lora_B["a"].weight.grad is not None
     assert layer.base_layer.weight.grad is None
+
+
+def test_runs_under_cpu_autocast_like_trl():
+    # Trainers (TRL, HF Trainer) run the forward under autocast; the fused fast path must step aside.
+    layer = _layer()
+    x = torch.randn(4, 12)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    expected = layer.base_layer(x) + 2.0 * x @ layer.lora_A["a"].weight.T @ layer.lora_B["a"].weight.T
+    torch.testing.assert_close(out.float(), expected, atol=0.1, rtol=0.05)

@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from conftest import make_tiny_llama
+from lorakit_testing import make_tiny_llama
 from lorakit import LoraConfig, add_adapter, merge_and_unload, save_merged, verify_merge
 
 

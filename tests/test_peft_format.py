@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import make_tiny_llama
+from lorakit_testing import make_tiny_llama
 from lorakit import (LoraConfig, add_adapter, adapter_state_dict, disable_adapter, from_pretrained, load_adapter,
                      save_adapter, set_adapter)
 

@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from conftest import make_tiny_llama
+from lorakit_testing import make_tiny_llama
 from lorakit import LoraConfig, add_adapter, merge_and_unload, trainable_parameters, verify_merge
 from lorakit.quant import Int8Linear, NF4Linear, dequantize_model_, quantize_model_
 from lorakit.train.common import sft_loss

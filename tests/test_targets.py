@@ -1,6 +1,6 @@
 import pytest
 
-from conftest import TinyMLP, make_tiny_llama
+from lorakit_testing import TinyMLP, make_tiny_llama
 from lorakit import LoraConfig
 from lorakit.targets import resolve_targets
 

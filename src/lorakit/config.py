@@ -37,14 +37,10 @@ _NEUTRAL_PEFT_FIELDS: dict[str, Any] = {
     "use_qalora": False,
     "qalora_group_size": 16,
     "ensure_weight_tying": False,
-    "arrow_config": None,
-    "kasa_config": None,
-    "lora_ga_config": None,
-    "monteclora_config": None,
-    "use_bdlora": False,
-    "velora_config": None,
-    "mica_config": None,
 }
+# Newer PEFT variants: read (and dropped) when switched off, never written, since older PEFT versions reject them.
+_OFF_WHEN_EMPTY = ("arrow_config", "kasa_config", "lora_ga_config", "monteclora_config", "use_bdlora",
+                   "velora_config", "mica_config")
 
 
 @dataclass
@@ -178,6 +174,10 @@ class LoraConfig:
                         f"{source}: {key}={value!r} is not supported by lorakit; only {key}={neutral!r} adapters load"
                     )
                 extra[key] = neutral
+        for key in _OFF_WHEN_EMPTY:
+            if d.get(key) not in (None, False, {}, []):
+                raise ValueError(f"{source}: {key}={d[key]!r} is not supported by lorakit; only plain LoRA adapters load")
+            d.pop(key, None)
         for ignored in ("auto_mapping", "peft_version", "runtime_config"):
             d.pop(ignored, None)
         if d:

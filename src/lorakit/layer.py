@@ -148,6 +148,8 @@ class LoraLinear(nn.Module):
         """The one unmerged active adapter when the base is a plain ``nn.Linear`` of ``x``'s dtype, else None."""
         if self.disabled or len(self.active_adapters) != 1 or type(self.base_layer) is not nn.Linear:
             return None
+        if torch.is_autocast_enabled(x.device.type):  # autocast picks per-op dtypes; the generic path follows them
+            return None
         name = self.active_adapters[0]
         if name in self.merged_adapters or self.lora_A[name].weight.dtype != x.dtype:
             return None

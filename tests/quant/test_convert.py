@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import TinyMLP, tiny_llama_config
+from lorakit_testing import TinyMLP, tiny_llama_config
 from lorakit.quant import Int8Linear, NF4Linear, load_quantized, quantize_model_
 
 QUANTIZED = (NF4Linear, Int8Linear)

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from conftest import make_tiny_llama
+from lorakit_testing import make_tiny_llama
 from lorakit import LoraConfig, add_adapter
 from lorakit.train import SFTArgs, train_sft
 from lorakit.train.common import cosine_schedule, sft_loss
