@@ -2,7 +2,9 @@
 
 Both train LoRA r16 α32 all-linear on the same built-in date-task rows (batch 8, completion-only loss), with
 AdamW. Steps alternate between the two so that machine noise hits both alike; one JSON line with the median step
-times and the ratio, and one with the peak resident-memory growth during each side's steps (sampled every 5 ms).
+times and the ratio. Memory cannot be compared inside one process (memory freed by one side is reused by the
+other without showing in RSS), so each side also runs alone in a child process, and the second line compares
+their peak RSS (``ru_maxrss``) above the RSS after set-up (model loaded, adapter added, data ready).
 
 Usage: python bench/bench_sft.py [--steps 6] [--threads 2] [--batch 8]
 """
@@ -25,7 +27,7 @@ from lorakit.tasks import make_split
 from lorakit.train.common import sft_loss
 
 
-class PeakRSS:
+class PeakRSS:  # used by bench_qlora.py
     """Peak resident set size above the level at entry, sampled in a background thread."""
 
     def __enter__(self):
@@ -53,6 +55,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--child", choices=["ours", "peer"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     import datasets
@@ -63,52 +66,88 @@ def main() -> None:
     rows, _ = make_split("dates", args.batch * (args.steps + 1), 0, seed=0)
     kw = dict(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
 
-    # --- lorakit
-    ours = lorakit.add_adapter(copy.deepcopy(base), lorakit.LoraConfig(**kw))
-    ours.train()
-    data = SFTDataset(rows, tokenizer, 256)
-    our_batches = [collate_sft([data[i] for i in range(s * args.batch, (s + 1) * args.batch)],
+    def setup_ours():
+        ours = lorakit.add_adapter(copy.deepcopy(base), lorakit.LoraConfig(**kw))
+        ours.train()
+        data = SFTDataset(rows, tokenizer, 256)
+        batches = [collate_sft([data[i] for i in range(s * args.batch, (s + 1) * args.batch)],
                                tokenizer.pad_token_id) for s in range(args.steps + 1)]
-    our_opt = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-4)
+        opt = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-4)
 
-    def our_step(i):
-        loss, n = sft_loss(ours, our_batches[i])
-        (loss / n).backward()
-        our_opt.step()
-        our_opt.zero_grad(set_to_none=True)
+        def step(i):
+            loss, n = sft_loss(ours, batches[i])
+            (loss / n).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return step
 
-    # --- TRL + PEFT (the documented recipe: SFTTrainer with peft_config)
-    config = trl.SFTConfig(output_dir="/tmp/lorakit-bench-trl", per_device_train_batch_size=args.batch,
-                           max_length=256, learning_rate=1e-4, report_to=[], save_strategy="no", use_cpu=True,
-                           max_steps=args.steps + 1, logging_steps=1000, dataloader_num_workers=0)
-    trainer = trl.SFTTrainer(model=copy.deepcopy(base), args=config, train_dataset=datasets.Dataset.from_list(rows),
-                             processing_class=tokenizer, peft_config=peft.LoraConfig(task_type="CAUSAL_LM", **kw))
-    trainer.create_optimizer_and_scheduler(num_training_steps=args.steps + 1)
-    trl_batches = list(trainer.get_train_dataloader())
-    theirs = trainer.model
-    theirs.train()
+    def setup_peer():
+        # the documented recipe: SFTTrainer with peft_config
+        config = trl.SFTConfig(output_dir="/tmp/lorakit-bench-trl", per_device_train_batch_size=args.batch,
+                               max_length=256, learning_rate=1e-4, report_to=[], save_strategy="no", use_cpu=True,
+                               max_steps=args.steps + 1, logging_steps=1000, dataloader_num_workers=0)
+        trainer = trl.SFTTrainer(model=copy.deepcopy(base), args=config,
+                                 train_dataset=datasets.Dataset.from_list(rows), processing_class=tokenizer,
+                                 peft_config=peft.LoraConfig(task_type="CAUSAL_LM", **kw))
+        trainer.create_optimizer_and_scheduler(num_training_steps=args.steps + 1)
+        trainer.current_gradient_accumulation_steps = 1  # normally set inside trainer.train()
+        batches = list(trainer.get_train_dataloader())
+        model = trainer.model
+        model.train()
 
-    def trl_step(i):
-        trainer.training_step(theirs, trl_batches[i % len(trl_batches)])
-        trainer.optimizer.step()
-        trainer.optimizer.zero_grad(set_to_none=True)
+        def step(i):
+            trainer.training_step(model, batches[i % len(batches)])
+            trainer.optimizer.step()
+            trainer.optimizer.zero_grad(set_to_none=True)
+        return step
 
+    if args.child:
+        step = setup_ours() if args.child == "ours" else setup_peer()
+        base_rss = psutil.Process().memory_info().rss
+        with open("/proc/self/clear_refs", "w") as f:  # Linux: reset the peak RSS (VmHWM) to the current RSS
+            f.write("5")
+        for i in range(3):
+            step(i)
+        peak = _vm_hwm()
+        print(json.dumps({"peak_over_setup": peak - base_rss, "peak": peak}))
+        return
+
+    our_step, trl_step = setup_ours(), setup_peer()
     our_step(0), trl_step(0)  # warm-up
     times = {"ours": [], "peer": []}
-    peaks = {"ours": 0, "peer": 0}
     for i in range(1, args.steps + 1):
         for name, fn in (("ours", our_step), ("peer", trl_step))[:: 1 if i % 2 else -1]:
-            with PeakRSS() as mem:
-                start = time.perf_counter()
-                fn(i)
-                times[name].append(time.perf_counter() - start)
-            peaks[name] = max(peaks[name], mem.growth)
+            start = time.perf_counter()
+            fn(i)
+            times[name].append(time.perf_counter() - start)
     ours_t, peer_t = statistics.median(times["ours"]), statistics.median(times["peer"])
     print(json.dumps({"name": "sft_step_vs_trl_peft", "lorakit_s": round(ours_t, 4), "peer_s": round(peer_t, 4),
                       "ratio": round(ours_t / peer_t, 3), "batch": args.batch, "steps": args.steps}))
-    print(json.dumps({"name": "sft_step_peak_rss_growth_vs_trl_peft", "lorakit_mb": round(peaks["ours"] / 2**20, 1),
-                      "peer_mb": round(peaks["peer"] / 2**20, 1),
-                      "ratio": round(peaks["ours"] / max(peaks["peer"], 1), 3)}))
+    mem = {side: _child_memory(side, args) for side in ("ours", "peer")}
+    print(json.dumps({"name": "sft_training_peak_rss_over_setup_vs_trl_peft",
+                      "lorakit_mb": round(mem["ours"]["peak_over_setup"] / 2**20, 1),
+                      "peer_mb": round(mem["peer"]["peak_over_setup"] / 2**20, 1),
+                      "ratio": round(mem["ours"]["peak_over_setup"] / mem["peer"]["peak_over_setup"], 3),
+                      "lorakit_peak_mb": round(mem["ours"]["peak"] / 2**20, 1),
+                      "peer_peak_mb": round(mem["peer"]["peak"] / 2**20, 1)}))
+
+
+def _vm_hwm() -> int:
+    """Peak resident set size since the last reset, in bytes (Linux ``/proc/self/status``)."""
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def _child_memory(side: str, args) -> dict:
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, __file__, "--child", side, "--threads", str(args.threads), "--batch", str(args.batch),
+           "--steps", str(args.steps)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
 
 
 if __name__ == "__main__":
