@@ -24,7 +24,7 @@ import torch
 import lorakit
 from lorakit.quant import NF4Linear, dequantize_4bit, double_dequantize, double_quantize, quantize_4bit
 
-from bench_sft import PeakRSS  # noqa: E402  (same folder)
+from memory import child_memory, peak_rss, reset_peak_rss
 
 
 def median_time(fn, repeats):
@@ -38,19 +38,17 @@ def median_time(fn, repeats):
 
 
 def alternate(fns, repeats):
+    """Median seconds of each function, run in rotating order after one warm-up each."""
     for fn in fns.values():
         fn()
     out = {k: [] for k in fns}
-    peaks = {k: 0 for k in fns}
     names = list(fns)
     for i in range(repeats):
         for k in names[i % len(names):] + names[:i % len(names)]:
-            with PeakRSS() as mem:
-                start = time.perf_counter()
-                fns[k]()
-                out[k].append(time.perf_counter() - start)
-            peaks[k] = max(peaks[k], mem.growth)
-    return {k: statistics.median(v) for k, v in out.items()}, peaks
+            start = time.perf_counter()
+            fns[k]()
+            out[k].append(time.perf_counter() - start)
+    return {k: statistics.median(v) for k, v in out.items()}
 
 
 def emit(**row):
@@ -63,14 +61,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--child", choices=["ours", "peer"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     import bitsandbytes.functional as bnbf
-    import peft
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from lorakit.models import embedded_model_path
-
+    if args.child:
+        return _memory_child(args)
     base, _ = lorakit.load_model()
     weights = [m.weight.detach() for n, m in base.named_modules()
                if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")]
@@ -87,18 +84,12 @@ def main() -> None:
             packed, state = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
             bnbf.dequantize_4bit(packed, state)
 
-    t, _ = alternate({"ours": ours_q, "peer": bnb_q}, args.repeats)
+    t = alternate({"ours": ours_q, "peer": bnb_q}, args.repeats)
     emit(name="nf4_quantize_dequantize_model", lorakit_s=t["ours"], peer_s=t["peer"], ratio=t["ours"] / t["peer"])
 
     # --- models
-    kw = dict(r=16, lora_alpha=32, target_modules="all-linear")
-    ours, _ = lorakit.load_model(quantization="nf4", compute_dtype=torch.float32)
-    lorakit.add_adapter(ours, lorakit.LoraConfig(**kw))
-    bnb_model = AutoModelForCausalLM.from_pretrained(
-        embedded_model_path(), dtype=torch.float32, device_map="cpu",
-        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                               bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32))
-    theirs = peft.get_peft_model(bnb_model, peft.LoraConfig(task_type="CAUSAL_LM", **kw))
+    kw = KW
+    ours, theirs = build_ours(), build_peer()
     fp32 = lorakit.add_adapter(copy.deepcopy(base), lorakit.LoraConfig(**kw))
     del base
     packed_bytes = sum(b.numel() * b.element_size() for m in ours.modules() if isinstance(m, NF4Linear)
@@ -108,20 +99,13 @@ def main() -> None:
 
     batch = torch.randint(0, 49152, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
 
-    def step_fn(model):
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-        model.train()
-
-        def step():
-            model(input_ids=batch, labels=batch).loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        return step
-
-    t, peaks = alternate({"ours": step_fn(ours), "peer": step_fn(theirs), "fp32": step_fn(fp32)}, args.repeats)
-    emit(name="qlora_train_step", lorakit_s=t["ours"], peer_s=t["peer"], ratio=t["ours"] / t["peer"],
-         lorakit_peak_rss_mb=peaks["ours"] / 2**20, peer_peak_rss_mb=peaks["peer"] / 2**20,
-         rss_ratio=peaks["ours"] / max(peaks["peer"], 1))
+    t = alternate({"ours": step_fn(ours, batch), "peer": step_fn(theirs, batch), "fp32": step_fn(fp32, batch)},
+                  args.repeats)
+    mem = {side: child_memory(__file__, side, args) for side in ("ours", "peer")}
+    emit(name="qlora_train_step", lorakit_s=t["ours"], peer_s=t["peer"], ratio=t["ours"] / t["peer"])
+    emit(name="qlora_training_peak_rss_over_setup", lorakit_mb=mem["ours"]["over"] / 2**20,
+         peer_mb=mem["peer"]["over"] / 2**20, ratio=mem["ours"]["over"] / mem["peer"]["over"],
+         lorakit_peak_mb=mem["ours"]["peak"] / 2**20, peer_peak_mb=mem["peer"]["peak"] / 2**20)
     emit(name="qlora_vs_lora_fp32_step", lorakit_s=t["ours"], peer_s=t["fp32"], ratio=t["ours"] / t["fp32"])
 
     # --- inference, adapter unmerged
@@ -134,8 +118,54 @@ def main() -> None:
                 model(input_ids=prompt)
         return run
 
-    t, _ = alternate({"ours": infer(ours), "peer": infer(theirs)}, args.repeats * 2)
+    t = alternate({"ours": infer(ours), "peer": infer(theirs)}, args.repeats * 2)
     emit(name="qlora_inference_1x64", lorakit_s=t["ours"], peer_s=t["peer"], ratio=t["ours"] / t["peer"])
+
+
+KW = dict(r=16, lora_alpha=32, target_modules="all-linear")
+
+
+def build_ours():
+    ours, _ = lorakit.load_model(quantization="nf4", compute_dtype=torch.float32)
+    return lorakit.add_adapter(ours, lorakit.LoraConfig(**KW))
+
+
+def build_peer():
+    import peft
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from lorakit.models import embedded_model_path
+
+    bnb_model = AutoModelForCausalLM.from_pretrained(
+        embedded_model_path(), dtype=torch.float32, device_map="cpu",
+        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                               bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32))
+    return peft.get_peft_model(bnb_model, peft.LoraConfig(task_type="CAUSAL_LM", **KW))
+
+
+def step_fn(model, batch):
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    model.train()
+
+    def step():
+        model(input_ids=batch, labels=batch).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def _memory_child(args) -> None:
+    import psutil
+
+    model = build_ours() if args.child == "ours" else build_peer()
+    batch = torch.randint(0, 49152, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
+    step = step_fn(model, batch)
+    base_rss = psutil.Process().memory_info().rss
+    reset_peak_rss()
+    for _ in range(2):
+        step()
+    peak = peak_rss()
+    print(json.dumps({"over": peak - base_rss, "peak": peak}))
 
 
 if __name__ == "__main__":

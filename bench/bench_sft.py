@@ -15,39 +15,16 @@ import argparse
 import copy
 import json
 import statistics
-import threading
 import time
 
 import psutil
 import torch
 
 import lorakit
+from memory import child_memory, peak_rss, reset_peak_rss
 from lorakit.data import SFTDataset, collate_sft
 from lorakit.tasks import make_split
 from lorakit.train.common import sft_loss
-
-
-class PeakRSS:  # used by bench_qlora.py
-    """Peak resident set size above the level at entry, sampled in a background thread."""
-
-    def __enter__(self):
-        self.proc = psutil.Process()
-        self.base = self.proc.memory_info().rss
-        self.peak = self.base
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-            time.sleep(0.005)
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.growth = self.peak - self.base
 
 
 def main() -> None:
@@ -104,11 +81,10 @@ def main() -> None:
     if args.child:
         step = setup_ours() if args.child == "ours" else setup_peer()
         base_rss = psutil.Process().memory_info().rss
-        with open("/proc/self/clear_refs", "w") as f:  # Linux: reset the peak RSS (VmHWM) to the current RSS
-            f.write("5")
+        reset_peak_rss()
         for i in range(3):
             step(i)
-        peak = _vm_hwm()
+        peak = peak_rss()
         print(json.dumps({"peak_over_setup": peak - base_rss, "peak": peak}))
         return
 
@@ -123,31 +99,13 @@ def main() -> None:
     ours_t, peer_t = statistics.median(times["ours"]), statistics.median(times["peer"])
     print(json.dumps({"name": "sft_step_vs_trl_peft", "lorakit_s": round(ours_t, 4), "peer_s": round(peer_t, 4),
                       "ratio": round(ours_t / peer_t, 3), "batch": args.batch, "steps": args.steps}))
-    mem = {side: _child_memory(side, args) for side in ("ours", "peer")}
+    mem = {side: child_memory(__file__, side, args) for side in ("ours", "peer")}
     print(json.dumps({"name": "sft_training_peak_rss_over_setup_vs_trl_peft",
                       "lorakit_mb": round(mem["ours"]["peak_over_setup"] / 2**20, 1),
                       "peer_mb": round(mem["peer"]["peak_over_setup"] / 2**20, 1),
                       "ratio": round(mem["ours"]["peak_over_setup"] / mem["peer"]["peak_over_setup"], 3),
                       "lorakit_peak_mb": round(mem["ours"]["peak"] / 2**20, 1),
                       "peer_peak_mb": round(mem["peer"]["peak"] / 2**20, 1)}))
-
-
-def _vm_hwm() -> int:
-    """Peak resident set size since the last reset, in bytes (Linux ``/proc/self/status``)."""
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
-
-def _child_memory(side: str, args) -> dict:
-    import subprocess
-    import sys
-
-    cmd = [sys.executable, __file__, "--child", side, "--threads", str(args.threads), "--batch", str(args.batch),
-           "--steps", str(args.steps)]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
 
 
 if __name__ == "__main__":

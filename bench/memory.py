@@ -1,0 +1,36 @@
+"""Peak-memory measurement for the benches: each side runs alone in a child process (Linux).
+
+Inside one process, memory one side frees is reused by the other without showing in RSS, so peaks are measured per
+side in a child: the child sets up its model, resets the kernel's peak-RSS counter, runs its steps and prints the
+peak above the RSS after set-up.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+
+def reset_peak_rss() -> None:
+    """Set the peak RSS (VmHWM) to the current RSS (Linux ``/proc/self/clear_refs``)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def peak_rss() -> int:
+    """Peak resident set size since the last reset, in bytes."""
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def child_memory(script: str, side: str, args) -> dict:
+    """Run ``script --child side`` with the same sizes and return the JSON object it prints last."""
+    cmd = [sys.executable, script, "--child", side]
+    for name in ("threads", "batch", "steps", "seq"):
+        if hasattr(args, name):
+            cmd += [f"--{name}", str(getattr(args, name))]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
