@@ -192,10 +192,13 @@ def train_sft(args: SFTArgs) -> TrainResult:
     bar.close()
 
     # --- save and evaluate
-    final_val = validation_loss(model, tokenizer, val_set) if val_set is not None else None
-    if final_val is not None:
+    last = state.history[-1] if state.history else {}
+    final_val = last.get("val_loss") if last.get("step") == state.step else None  # evaluated at the last step
+    if final_val is None and val_set is not None:
+        final_val = validation_loss(model, tokenizer, val_set)
         state.history.append({"step": state.step, "val_loss": final_val})
         metrics.write(step=state.step, val_loss=final_val)
+    if final_val is not None:
         state.best_val_loss = min(state.best_val_loss, final_val)
     adapter_dir = _save_result(model, args, out / ("model" if args.method == "full" else "adapter"), tokenizer)
     tuned_accuracy = None
