@@ -21,6 +21,7 @@ import time
 import torch
 
 import lorakit
+from lorakit.optim import build_optimizer
 
 
 def timed(fn) -> float:
@@ -89,8 +90,8 @@ def main() -> None:
         kw = dict(r=16, lora_alpha=32, lora_dropout=dropout, target_modules="all-linear")
         ours = lorakit.add_adapter(copy.deepcopy(base), lorakit.LoraConfig(**kw))
         theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(task_type="CAUSAL_LM", **kw))
-        o1 = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-4)
-        o2 = torch.optim.AdamW([p for p in theirs.parameters() if p.requires_grad], lr=1e-4)
+        o1 = build_optimizer("adamw", [p for p in ours.parameters() if p.requires_grad], lr=1e-4)
+        o2 = build_optimizer("adamw", [p for p in theirs.parameters() if p.requires_grad], lr=1e-4)
         t = alternate({"limit": limit_step, "ours": train_step(ours, batch, o1), "peer": train_step(theirs, batch, o2)},
                       args.repeats)
         report(name, t["ours"], t["peer"], t["limit"])

@@ -22,9 +22,20 @@ def test_names_build_their_class_with_the_given_hyperparameters(name, cls):
     assert (group["lr"], group["weight_decay"], tuple(group["betas"]), group["eps"]) == (2e-4, 0.05, (0.8, 0.99), 1e-6)
 
 
-def test_adamw_on_cpu_uses_foreach_not_fused():
-    group = build_optimizer("adamw", _params(), lr=1e-3).param_groups[0]
-    assert group["foreach"] is True and not group["fused"]
+def test_adamw_on_cpu_is_fused_and_equals_the_loop():
+    params = _params()
+    opt = build_optimizer("adamw", params, lr=1e-3)
+    assert opt.param_groups[0]["fused"] is True
+    ref_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    ref = torch.optim.AdamW(ref_params, lr=1e-3, weight_decay=0.0, foreach=False)
+    for step in range(3):
+        for p, q in zip(params, ref_params):
+            p.grad = torch.full_like(p, 0.1 * (step + 1))
+            q.grad = p.grad.clone()
+        opt.step()
+        ref.step()
+    for p, q in zip(params, ref_params):
+        torch.testing.assert_close(p, q)
 
 
 @pytest.mark.gpu
