@@ -24,8 +24,12 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider
 
+# Side-by-side comparisons with PEFT / bitsandbytes / TRL on the embedded model (~25 minutes on 2 cores).
 bench: $(STAMP)
 	$(PY) bench/bench_core.py
+	$(PY) bench/bench_qlora.py
+	$(PY) bench/bench_sft.py
+	$(PY) bench/bench_optim.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -21,6 +21,7 @@ import time
 import torch
 
 import lorakit
+from common import alternate
 from lorakit.optim import build_optimizer
 
 
@@ -29,18 +30,6 @@ def timed(fn) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
-
-
-def alternate(fns: dict, repeats: int) -> dict[str, float]:
-    """Median seconds of each function, run in rotating order ``repeats`` times after one warm-up each."""
-    for fn in fns.values():
-        fn()
-    times = {k: [] for k in fns}
-    names = list(fns)
-    for i in range(repeats):
-        for k in names[i % len(names):] + names[: i % len(names)]:
-            times[k].append(timed(fns[k]))
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def report(name: str, ours: float, peer: float, limit: float | None = None) -> None:

@@ -16,39 +16,13 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
-import time
 
 import torch
 
 import lorakit
 from lorakit.quant import NF4Linear, dequantize_4bit, double_dequantize, double_quantize, quantize_4bit
 
-from memory import child_memory, peak_rss, reset_peak_rss
-
-
-def median_time(fn, repeats):
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def alternate(fns, repeats):
-    """Median seconds of each function, run in rotating order after one warm-up each."""
-    for fn in fns.values():
-        fn()
-    out = {k: [] for k in fns}
-    names = list(fns)
-    for i in range(repeats):
-        for k in names[i % len(names):] + names[:i % len(names)]:
-            start = time.perf_counter()
-            fns[k]()
-            out[k].append(time.perf_counter() - start)
-    return {k: statistics.median(v) for k, v in out.items()}
+from common import alternate, child_memory, peak_rss, reset_peak_rss
 
 
 def emit(**row):

@@ -21,7 +21,7 @@ import psutil
 import torch
 
 import lorakit
-from memory import child_memory, peak_rss, reset_peak_rss
+from common import child_memory, peak_rss, reset_peak_rss
 from lorakit.data import SFTDataset, collate_sft
 from lorakit.tasks import make_split
 from lorakit.train.common import sft_loss

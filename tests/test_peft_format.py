@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from lorakit_testing import make_tiny_llama
-from lorakit import (LoraConfig, add_adapter, adapter_state_dict, disable_adapter, from_pretrained, load_adapter,
+from lorakit import (LoraConfig, add_adapter, adapter_state_dict, from_pretrained, load_adapter,
                      save_adapter, set_adapter)
 
 peft = pytest.importorskip("peft")
