@@ -64,3 +64,25 @@ def test_merge_into_nf4_warns_and_dequantized_export_is_exact(tiny_llama, input_
     exported = merge_and_unload(dequantize_model_(copy.deepcopy(model), torch.float32))
     exact = verify_merge(model, exported, input_ids)
     assert exact.max_abs_diff < 1e-5 < lossy.max_abs_diff
+
+
+@pytest.mark.parametrize("quant", ["nf4", "int8"])
+def test_saved_quantized_checkpoint_loads_in_transformers_bitsandbytes(quant, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM
+
+    model = make_tiny_llama(intermediate_size=64, hidden_size=64)
+    quantize_model_(model, quant, compute_dtype=torch.float32)
+    model.save_pretrained(tmp_path)
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path, device_map="cpu")
+    ours_layer, their_layer = model.model.layers[0].mlp.up_proj, theirs.model.layers[0].mlp.up_proj
+    assert type(their_layer).__name__ == ("Linear4bit" if quant == "nf4" else "Linear8bitLt")
+    if quant == "nf4":
+        import bitsandbytes.functional as bnbf
+
+        got = bnbf.dequantize_4bit(their_layer.weight.data, their_layer.weight.quant_state).float()
+    else:
+        got = their_layer.weight.data.float() * their_layer.weight.SCB.float()[:, None] / 127
+    torch.testing.assert_close(got, ours_layer.dequantize().float(), atol=1e-6, rtol=1e-3)
+    dequantize_model_(model, torch.float32)
+    assert not hasattr(model.config, "quantization_config")

@@ -21,7 +21,7 @@ from torch import nn
 from lorakit.quant.int8_linear import Int8Linear
 from lorakit.quant.nf4_linear import NF4Linear
 
-__all__ = ["dequantize_model_", "QUANTIZATIONS", "quantize_model_", "load_quantized"]
+__all__ = ["dequantize_model_", "record_quantization_config", "QUANTIZATIONS", "quantize_model_", "load_quantized"]
 
 QUANTIZATIONS = ("nf4", "fp4", "int8")
 
@@ -113,7 +113,35 @@ def quantize_model_(
         new.train(linear.training)
         _set_submodule(model, path, new)
         del linear, new  # the fp32 weight goes with the last reference
+    record_quantization_config(model)
     return model
+
+
+def record_quantization_config(model: nn.Module) -> dict | None:
+    """Write transformers' ``quantization_config`` (bitsandbytes form) into ``model.config`` from its layers.
+
+    With it, ``model.save_pretrained(dir)`` writes a checkpoint that ``AutoModelForCausalLM.from_pretrained(dir)``
+    loads with transformers + bitsandbytes (the state-dict keys already are bitsandbytes'). Skipped modules are the
+    linear layers left in full precision. Returns the dict written (None for a model without quantized layers or
+    without a transformers config).
+    """
+    config = getattr(model, "config", None)
+    layers = {p: m for p, m in model.named_modules() if isinstance(m, (NF4Linear, Int8Linear))}
+    if config is None or not layers:
+        return None
+    first = next(iter(layers.values()))
+    skipped = sorted({p.rsplit(".", 1)[-1] for p, m in model.named_modules() if type(m) is nn.Linear})
+    if isinstance(first, Int8Linear):
+        data = {"quant_method": "bitsandbytes", "load_in_8bit": True, "load_in_4bit": False,
+                "llm_int8_threshold": 6.0, "llm_int8_has_fp16_weight": False}
+    else:
+        data = {"quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
+                "bnb_4bit_quant_type": first.quant_type, "bnb_4bit_use_double_quant": first.double_quant,
+                "bnb_4bit_compute_dtype": str(first.compute_dtype).removeprefix("torch."),
+                "bnb_4bit_quant_storage": "uint8"}
+    data["llm_int8_skip_modules"] = skipped or None
+    config.quantization_config = data
+    return data
 
 
 @contextlib.contextmanager
@@ -246,6 +274,7 @@ def load_quantized(
             except RuntimeError as e:
                 raise ValueError(f"cannot load the pre-quantized tensors of {path!r}: {e}") from e
     model.tie_weights()
+    record_quantization_config(model)
     state = model.state_dict(keep_vars=True)
     missing = sorted(k for k, v in state.items() if v is not None and v.device.type == "meta")
     if unexpected or missing:
@@ -288,4 +317,7 @@ def dequantize_model_(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> 
                 dense.bias.copy_(module.bias.to(dtype))
         dense.requires_grad_(False)
         _set_submodule(model, path, dense)
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "quantization_config"):
+        del config.quantization_config  # the checkpoint is a plain one again
     return model
