@@ -6,6 +6,7 @@ weights as a side effect of ``.train()``/``.eval()``.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -112,10 +113,17 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
 
 
 def merge_adapter(model: nn.Module, safe_merge: bool = False) -> None:
-    """Merge the active adapters into the base weights, keeping the LoRA layers (undo with :func:`unmerge_adapter`)."""
+    """Merge the active adapters into the base weights, keeping the LoRA layers (undo with :func:`unmerge_adapter`).
+
+    On a quantized base merge and unmerge each re-quantize the weight (lossy); a warning gives the largest change.
+    """
+    error = 0.0
     for module in model.modules():
         if isinstance(module, LoraLinear):
-            module.merge(active_adapters(model), safe_merge=safe_merge)
+            error = max(error, module.merge(active_adapters(model), safe_merge=safe_merge))
+    if error:
+        warnings.warn(f"merged into a quantized base: re-quantization moved merged weights by up to {error:.3e}",
+                      stacklevel=2)
 
 
 def unmerge_adapter(model: nn.Module) -> None:

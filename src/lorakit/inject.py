@@ -7,6 +7,8 @@ original module as ``base_layer``. The adapters' configs live in ``model.lorakit
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -162,6 +164,9 @@ def merge_and_unload(model: nn.Module, safe_merge: bool = False, adapter_names: 
     Args:
         model: a model with adapters; modified in place and returned.
         safe_merge: check every merged weight for NaN/Inf before writing it (ValueError names the layer).
+
+    On a quantized (NF4/int8) base the merged weight is re-quantized, which is lossy: a warning gives the largest
+    weight change; dequantize first (``lorakit.quant.dequantize_model_``) to deploy an exact merge.
         adapter_names: adapters to merge (default: the active ones).
 
     Raises:
@@ -171,12 +176,18 @@ def merge_and_unload(model: nn.Module, safe_merge: bool = False, adapter_names: 
     if not layers:
         raise ValueError(f"{type(model).__name__} has no LoRA layers to merge; add or load an adapter first")
     names = adapter_names or _active_names(model)
+    requant_error = 0.0
     for path, layer in layers.items():
         try:
-            layer.merge(names, safe_merge=safe_merge)
+            requant_error = max(requant_error, layer.merge(names, safe_merge=safe_merge))
         except ValueError as err:
             raise ValueError(f"{path}: {err}") from None
         _replace(model, path, layer.base_layer)
+    if any(isinstance(layer.base_layer, QuantizedBase) for layer in layers.values()):
+        warnings.warn(
+            f"merged into a quantized base: re-quantization moved merged weights by up to {requant_error:.3e}, so "
+            "outputs differ from the adapter model (measure it with lorakit.verify_merge); to deploy, dequantize "
+            "first with lorakit.quant.dequantize_model_(model, torch.bfloat16) and merge in 16-bit", stacklevel=2)
     for path, wrapper in _wrapped_modules(model).items():
         keep = next((wrapper.modules_to_save[n] for n in names if n in wrapper.modules_to_save), None)
         kept = keep if keep is not None else wrapper.original_module

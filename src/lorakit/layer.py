@@ -17,7 +17,6 @@ Note: cheap dropout
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 import torch.nn.functional as F
@@ -162,26 +161,26 @@ class LoraLinear(nn.Module):
         return [n for n in names if n in self.lora_A and n not in self.merged_adapters]
 
     @torch.no_grad()
-    def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+    def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> float:
         """Add ``scaling · B A`` of each named (default: active) adapter into the base weight. Idempotent.
+
+        Returns:
+            For a quantized base, the largest change re-quantization made to the merged weight (the merge is lossy
+            there: see :func:`lorakit.merge_and_unload`); 0.0 for float bases.
 
         Raises:
             ValueError: with ``safe_merge``, if the merged weight has NaN/Inf (the base is left unchanged).
         """
         names = self._unmerged_active(adapter_names)
         if not names:
-            return
-        if isinstance(self.base_layer, QuantizedBase):
-            warnings.warn("merging into a quantized base re-quantizes the merged weight, so outputs differ from the "
-                          "adapter model (check with lorakit.verify_merge); to deploy, dequantize first with "
-                          "lorakit.quant.dequantize_model_(model, torch.bfloat16) and merge in 16-bit", stacklevel=3)
+            return 0.0
         weight = dense_weight(self.base_layer)
         if weight.dtype == torch.float32 and not safe_merge and type(self.base_layer) is nn.Linear:
             for name in names:  # in place, one pass over the weight per adapter
                 weight.addmm_(self.lora_B[name].weight.float(), self.lora_A[name].weight.float(),
                               alpha=self.scaling[name])
             self.merged_adapters.extend(names)
-            return
+            return 0.0
         merged = weight.to(torch.float32) if weight.dtype != torch.float32 else weight.clone()
         for name in names:
             merged.addmm_(self.lora_B[name].weight.float(), self.lora_A[name].weight.float(), alpha=self.scaling[name])
@@ -189,6 +188,9 @@ class LoraLinear(nn.Module):
             raise ValueError(f"merging adapters {names} gives non-finite weights; the base was left unchanged")
         set_dense_weight(self.base_layer, merged)
         self.merged_adapters.extend(names)
+        if isinstance(self.base_layer, QuantizedBase):
+            return (dense_weight(self.base_layer).float() - merged).abs().max().item()
+        return 0.0
 
     @torch.no_grad()
     def unmerge(self, adapter_names: list[str] | str | None = None) -> None:
