@@ -18,6 +18,7 @@ from .layer import LoraLinear
 from .merge import MergeReport, save_merged, verify_merge
 from .models import EMBEDDED_NAME, load_model
 from .peft_format import adapter_state_dict, from_pretrained, load_adapter, save_adapter
+from . import optim, quant  # noqa: E402  (subpackages used as lorakit.optim / lorakit.quant)
 
 __version__ = "0.1.0"
 
@@ -40,6 +41,8 @@ __all__ = [
     "mark_only_adapters_trainable",
     "merge_adapter",
     "merge_and_unload",
+    "optim",
+    "quant",
     "print_trainable_parameters",
     "save_adapter",
     "save_merged",
