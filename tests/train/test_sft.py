@@ -127,3 +127,19 @@ def test_unknown_arg_suggests(tmp_path):
 
     with pytest.raises(ValueError, match="did you mean 'max_steps'"):
         load_args(SFTArgs, None, ["max_step=3"])
+
+
+def test_bfloat16_training_runs_and_learns(tmp_path, tiny_model_dir):
+    result = train_sft(_args(tmp_path, tiny_model_dir, dtype="bfloat16"))
+    rows = [json.loads(line) for line in result.metrics_path.read_text().splitlines() if '"loss"' in line]
+    assert rows[-1]["loss"] < 0.7 * rows[0]["loss"]
+    from safetensors.torch import load_file
+
+    assert load_file(result.adapter_dir / "adapter_model.safetensors")  # saved and readable
+
+
+def test_qlora_method_trains(tmp_path, tiny_model_dir):
+    result = train_sft(_args(tmp_path, tiny_model_dir, method="qlora", max_steps=6))
+    assert (result.adapter_dir / "adapter_config.json").is_file()
+    rows = [json.loads(line) for line in result.metrics_path.read_text().splitlines() if '"loss"' in line]
+    assert rows[-1]["loss"] < rows[0]["loss"]
