@@ -5,7 +5,6 @@ import torch
 from torch import nn
 
 from lorakit import LoraLinear
-from lorakit.layer import lora_delta
 
 
 def _layer(dtype=torch.float32, r=4, alpha=8.0, dropout=0.0, in_f=12, out_f=10):
@@ -76,14 +75,6 @@ def test_safe_merge_rejects_non_finite_and_leaves_base():
         layer.merge(safe_merge=True)
     assert torch.equal(layer.base_layer.weight, w0)
     assert layer.merged_adapters == []
-
-
-def test_delta_in_float32_for_bf16():
-    A = torch.randn(4, 6).bfloat16()
-    B = torch.randn(5, 4).bfloat16()
-    d = lora_delta(A, B, 0.5)
-    assert d.dtype == torch.float32
-    torch.testing.assert_close(d, 0.5 * B.float() @ A.float())
 
 
 def test_dropout_keeps_expectation_and_is_identity_in_eval():

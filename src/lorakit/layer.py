@@ -25,19 +25,7 @@ from torch import nn
 from .base import QuantizedBase, base_shape, dense_weight, set_dense_weight
 from .fused import lora_linear
 
-__all__ = ["LoraLinear", "lora_delta"]
-
-
-def lora_delta(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
-    """The dense update ``scaling * B @ A`` of shape (out, in), computed in float32 for low-precision adapters.
-
-    Args:
-        lora_A: (r, in).
-        lora_B: (out, r).
-        scaling: ``alpha / r`` (or ``alpha / sqrt(r)``).
-    """
-    dtype = torch.float32 if lora_A.dtype in (torch.float16, torch.bfloat16) else lora_A.dtype
-    return (lora_B.to(dtype) @ lora_A.to(dtype)) * scaling
+__all__ = ["LoraLinear"]
 
 
 class LoraLinear(nn.Module):
