@@ -104,3 +104,12 @@ def test_switching_unmerges_the_old_adapter(tiny_llama):
     set_adapter(tiny_llama, "b")
     assert q.merged_adapters == []
     torch.testing.assert_close(q.base_layer.weight, w, atol=1e-6, rtol=0)
+
+
+def test_set_adapter_without_touching_trainability(tiny_llama, input_ids):
+    _two(tiny_llama)
+    before = {n for n, p in tiny_llama.named_parameters() if p.requires_grad}
+    out_a = tiny_llama(input_ids).logits
+    set_adapter(tiny_llama, "b", trainable=False)
+    assert {n for n, p in tiny_llama.named_parameters() if p.requires_grad} == before  # still adapter "a"'s
+    assert not torch.allclose(tiny_llama(input_ids).logits, out_a)  # but "b" computes

@@ -35,8 +35,15 @@ def test_exact_match_counts_hits(tiny_model_dir):
 
 
 def test_validation_loss_is_mean_token_ce(tiny_model_dir):
+    from lorakit.data import SFTDataset, collate_sft
+    from lorakit.train.losses import masked_ce_loss
+
     model, tok = load_model(tiny_model_dir)
     rows = [{"prompt": "ab", "completion": "cd"}, {"prompt": "abc", "completion": "d"}]
-    loss = validation_loss(model, tok, rows, max_length=16, batch_size=1)
-    loss_batched = validation_loss(model, tok, rows, max_length=16, batch_size=2)
-    assert abs(loss - loss_batched) < 1e-5 and 0 < loss < 20
+    batch = collate_sft(list(SFTDataset(rows, tok, 16)), tok.pad_token_id)
+    with torch.no_grad():
+        expected = masked_ce_loss(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+                                  batch["labels"])  # mean over all labelled tokens of both rows
+    for batch_size in (1, 2):
+        loss = validation_loss(model, tok, rows, max_length=16, batch_size=batch_size)
+        assert abs(loss - expected.item()) < 1e-5

@@ -43,10 +43,12 @@ def active_adapters(model: nn.Module) -> list[str]:
     return list(model.__dict__.get("lorakit_active", []))
 
 
-def set_adapter(model: nn.Module, adapter_name: str | list[str]) -> None:
+def set_adapter(model: nn.Module, adapter_name: str | list[str], trainable: bool = True) -> None:
     """Make ``adapter_name`` (or several names, summed) the active adapter(s), and the only trainable ones.
 
     Merged adapters that are not in the new set are unmerged first, so outputs always follow the active set.
+    With ``trainable=False`` which parameters train is left as it was (e.g. to run a frozen reference adapter
+    for a moment inside a training step).
 
     Raises:
         ValueError: naming an unknown adapter and the ones the model has.
@@ -61,7 +63,8 @@ def set_adapter(model: nn.Module, adapter_name: str | list[str]) -> None:
             module.unmerge([n for n in module.merged_adapters if n not in names])
         module.active_adapters = [n for n in names if _has(module, n)]
     model.__dict__["lorakit_active"] = names
-    mark_only_adapters_trainable(model)
+    if trainable:
+        mark_only_adapters_trainable(model)
 
 
 def _has(module: LoraLinear | ModulesToSave, name: str) -> bool:

@@ -18,11 +18,9 @@ __all__ = ["generate_answers", "exact_match", "validation_loss"]
 
 
 def _stop_ids(tokenizer: Any) -> list[int]:
-    ids = {tokenizer.eos_token_id}
-    for token in ("<|im_end|>", "<|eot_id|>", "<|end|>"):
-        tid = tokenizer.convert_tokens_to_ids(token) if token in tokenizer.get_vocab() else None
-        if tid is not None:
-            ids.add(tid)
+    """EOS plus the end-of-turn tokens of common chat templates that this tokenizer has."""
+    vocab = tokenizer.get_vocab()
+    ids = {tokenizer.eos_token_id} | {vocab[t] for t in ("<|im_end|>", "<|eot_id|>", "<|end|>") if t in vocab}
     return sorted(i for i in ids if i is not None)
 
 
@@ -37,6 +35,7 @@ def generate_answers(model: nn.Module, tokenizer: Any, prompts: Sequence[Any], b
     encoded = [encode_prompt(p, tokenizer) for p in prompts]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    stop = _stop_ids(tokenizer)
     answers: list[str] = [""] * len(encoded)
     was_training = model.training
     model.eval()
@@ -57,7 +56,7 @@ def generate_answers(model: nn.Module, tokenizer: Any, prompts: Sequence[Any], b
                 ids[row, width - n:] = torch.tensor(encoded[i])
                 mask[row, width - n:] = 1
             out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=pad, eos_token_id=_stop_ids(tokenizer))
+                                 pad_token_id=pad, eos_token_id=stop)
             for row, i in enumerate(idx):
                 answers[i] = tokenizer.decode(out[row, width:], skip_special_tokens=True).strip()
     finally:

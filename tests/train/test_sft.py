@@ -90,6 +90,22 @@ def test_sft_loss_equals_full_logits_masked_ce():
     assert n == int((batch["labels"][:, 1:] != -100).sum())
 
 
+def test_sft_loss_without_decoder_uses_full_logits():
+    class Plain(torch.nn.Module):  # a causal LM that offers no get_decoder / get_output_embeddings
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, **kw):
+            return self.inner(**kw)
+
+    inner = make_tiny_llama()
+    batch = _batch()
+    loss_sum, n = sft_loss(Plain(inner), batch)
+    expected = masked_ce_loss(inner(input_ids=batch["input_ids"]).logits, batch["labels"])
+    torch.testing.assert_close(loss_sum / n, expected, atol=1e-5, rtol=0)
+
+
 def test_gradient_checkpointing_gives_the_same_lora_grads():
     grads = []
     for checkpointing in (False, True):

@@ -16,9 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import LoraConfig
 from ..data import IGNORE_INDEX
+from ..models import load_model
+from ..optim import build_optimizer
 
-__all__ = ["sft_loss", "token_logps", "cosine_schedule", "TrainState", "save_checkpoint", "load_checkpoint",
+__all__ = ["start_run", "lora_config", "optimizer_and_schedule", "labelled_logits", "sft_loss", "token_logps", "cosine_schedule", "TrainState", "save_checkpoint", "load_checkpoint",
            "latest_checkpoint", "MetricsLog", "plot_losses", "seed_everything"]
 
 
@@ -31,52 +34,77 @@ def _decoder_and_head(model: nn.Module) -> tuple[nn.Module | None, nn.Module | N
     return (decoder, head) if decoder is not None and head is not None and decoder is not model else (None, None)
 
 
-def _hidden_at_labels(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Final hidden states at the positions that predict a label, and those labels: (N, hidden), (N,).
+def labelled_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                torch.Tensor]:
+    """Float32 logits at the positions that predict a label, those labels, and where they are.
+
+    Returns:
+        ``logits`` (N, vocab), ``targets`` (N,) and ``keep`` (B, T-1), the mask that selected them (position t
+        predicts token t + 1).
 
     Note: head on labelled tokens only
         The output head (vocab × hidden; 28% of SmolLM2's weights) is applied only where a label exists, so
         prompt and padding positions never pay for it, and the (batch, seq, vocab) logits tensor is never built.
+        Models without ``get_decoder``/``get_output_embeddings`` fall back to their full logits.
     """
+    targets = batch["labels"][:, 1:]
+    keep = targets != IGNORE_INDEX
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
     decoder, head = _decoder_and_head(model)
     if decoder is None:
-        return None
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-    hidden = decoder(**inputs).last_hidden_state  # (B, T, H)
-    targets = batch["labels"][:, 1:]  # position t predicts token t + 1
-    keep = targets != IGNORE_INDEX
-    return hidden[:, :-1][keep], targets[keep]
+        logits = model(**inputs).logits[:, :-1][keep]
+    else:
+        logits = head(decoder(**inputs).last_hidden_state[:, :-1][keep])  # (N, vocab)
+    return logits.float(), targets[keep], keep
 
 
 def sft_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross-entropy over labelled tokens, and their count.
-
-    Falls back to the full logits for models without ``get_decoder``/``get_output_embeddings``.
-    """
-    picked = _hidden_at_labels(model, batch)
-    if picked is None:
-        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[:, :-1]
-        targets = batch["labels"][:, 1:]
-        keep = targets != IGNORE_INDEX
-        return F.cross_entropy(logits[keep].float(), targets[keep], reduction="sum"), int(keep.sum())
-    hidden, targets = picked
-    logits = model.get_output_embeddings()(hidden).float()  # (N, vocab)
+    """Summed next-token cross-entropy over labelled tokens, and their count."""
+    logits, targets, _ = labelled_logits(model, batch)
     return F.cross_entropy(logits, targets, reduction="sum"), int(targets.numel())
 
 
 def token_logps(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Per-row sum of log-probabilities of the labelled tokens, shape (B,) — DPO's sequence log-likelihood."""
-    decoder, head = _decoder_and_head(model)
-    targets = batch["labels"][:, 1:]
-    keep = targets != IGNORE_INDEX
-    if decoder is None:
-        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[:, :-1][keep].float()
-    else:
-        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-        logits = head(decoder(**inputs).last_hidden_state[:, :-1][keep]).float()
-    picked = logits.gather(-1, targets[keep][:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-    rows = torch.arange(targets.shape[0])[:, None].expand_as(targets)[keep]
-    return torch.zeros(targets.shape[0], dtype=picked.dtype).index_add(0, rows, picked)
+    logits, targets, keep = labelled_logits(model, batch)
+    logps = -F.cross_entropy(logits, targets, reduction="none")  # log p(target) per labelled token
+    rows = torch.arange(keep.shape[0])[:, None].expand_as(keep)[keep]
+    return torch.zeros(keep.shape[0], dtype=logps.dtype).index_add(0, rows, logps)
+
+
+def start_run(args) -> tuple[Path, nn.Module, Any]:
+    """What every run does first: output dir, threads, seed, then the base (NF4-quantized for ``method: qlora``).
+
+    Returns:
+        ``(output_dir, model, tokenizer)``; the tokenizer gets EOS as its pad token when it has none.
+    """
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    seed_everything(args.seed)
+    dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
+    qlora = args.method == "qlora"
+    model, tokenizer = load_model(args.model, quantization="nf4" if qlora else None, compute_dtype=dtype,
+                                  dtype=torch.float32 if qlora else dtype)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return out, model, tokenizer
+
+
+def lora_config(args) -> LoraConfig:
+    """The adapter config a run's arguments describe."""
+    return LoraConfig(r=args.r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                      target_modules=args.target_modules, init_lora_weights=args.init_lora_weights,
+                      use_rslora=args.use_rslora)
+
+
+def optimizer_and_schedule(args, params: list[torch.Tensor]):
+    """``build_optimizer(args.optimizer)`` and a warm-up + cosine ``LambdaLR`` over ``args.max_steps``."""
+    optimizer = build_optimizer(args.optimizer, params, lr=args.lr, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: cosine_schedule(s, args.warmup_steps, args.max_steps, args.min_lr_ratio))
+    return optimizer, scheduler
 
 
 def cosine_schedule(step: int, warmup: int, total: int, min_ratio: float) -> float:

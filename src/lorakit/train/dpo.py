@@ -9,22 +9,18 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from ..adapters import disable_adapter, set_adapter, trainable_parameters
-from ..config import LoraConfig
 from ..data import PreferenceDataset, collate_preference, load_splits
 from ..inject import add_adapter
-from ..models import load_model
-from ..optim import build_optimizer
 from ..peft_format import load_adapter
 from .args import DPOArgs
-from .common import (MetricsLog, TrainState, cosine_schedule, latest_checkpoint, load_checkpoint, plot_losses,
-                     save_checkpoint, seed_everything, token_logps)
+from .common import (MetricsLog, TrainState, latest_checkpoint, load_checkpoint, lora_config,
+                     optimizer_and_schedule, plot_losses, save_checkpoint, start_run, token_logps)
 from .losses import dpo_loss
 from .sft import TrainResult, _save_result, _write_summary, batch_indices, load_trainable, save_trainable
 
@@ -37,11 +33,11 @@ REFERENCE = "reference"
 def _reference(model: nn.Module, has_reference_adapter: bool):
     """Run the block as the reference model: the frozen reference adapter, or the base with adapters disabled."""
     if has_reference_adapter:
-        set_adapter(model, REFERENCE)
+        set_adapter(model, REFERENCE, trainable=False)  # only the active set changes; "default" stays trainable
         try:
             yield
         finally:
-            set_adapter(model, "default")
+            set_adapter(model, "default", trainable=False)
     else:
         with disable_adapter(model):
             yield
@@ -74,27 +70,15 @@ def train_dpo(args: DPOArgs) -> TrainResult:
         raise ValueError("DPO needs train_file: a JSONL file of {prompt, chosen, rejected} rows")
     if args.method == "full":
         raise ValueError("method='full' has no adapter to disable for the reference; use lora or qlora for DPO")
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    seed_everything(args.seed)
-    dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
-
     # --- model, adapter(s), data
-    model, tokenizer = load_model(args.model, quantization="nf4" if args.method == "qlora" else None,
-                                  compute_dtype=dtype, dtype=torch.float32 if args.method == "qlora" else dtype)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    out, model, tokenizer = start_run(args)
     has_ref = args.reference_adapter is not None
     if has_ref:
         load_adapter(model, args.reference_adapter, "default")
         load_adapter(model, args.reference_adapter, REFERENCE)
         set_adapter(model, "default")
     else:
-        add_adapter(model, LoraConfig(r=args.r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                                      target_modules=args.target_modules, init_lora_weights=args.init_lora_weights,
-                                      use_rslora=args.use_rslora))
+        add_adapter(model, lora_config(args))
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     train_rows, val_rows = load_splits(args.train_file, args.val_file, val_fraction=args.val_fraction,
@@ -112,9 +96,7 @@ def train_dpo(args: DPOArgs) -> TrainResult:
     # --- optimizer and schedule
     report = trainable_parameters(model)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(args.optimizer, params, lr=args.lr, weight_decay=args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: cosine_schedule(s, args.warmup_steps, args.max_steps, args.min_lr_ratio))
+    optimizer, scheduler = optimizer_and_schedule(args, params)
     state = TrainState()
     resume_from = latest_checkpoint(out) if args.resume else None
     if resume_from is not None:

@@ -12,17 +12,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..adapters import TrainableReport, trainable_parameters
-from ..config import LoraConfig
 from ..data import SFTDataset, collate_sft, load_splits
 from ..evaluate import exact_match, validation_loss
 from ..inject import add_adapter
-from ..models import load_model
-from ..optim import build_optimizer
 from ..peft_format import save_adapter
 from ..tasks import get_task, make_split
 from .args import SFTArgs
-from .common import (MetricsLog, TrainState, cosine_schedule, latest_checkpoint, load_checkpoint, plot_losses,
-                     save_checkpoint, seed_everything, sft_loss)
+from .common import (MetricsLog, TrainState, latest_checkpoint, load_checkpoint, lora_config,
+                     optimizer_and_schedule, plot_losses, save_checkpoint, start_run, sft_loss)
 
 __all__ = ["train_sft", "TrainResult", "batch_indices", "save_trainable", "load_trainable"]
 
@@ -96,18 +93,8 @@ def train_sft(args: SFTArgs) -> TrainResult:
         ``loss.png``, ``summary.json``.
     """
     started = time.perf_counter()
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    seed_everything(args.seed)
-    dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
-
     # --- model and data
-    model, tokenizer = load_model(args.model, quantization="nf4" if args.method == "qlora" else None,
-                                  compute_dtype=dtype, dtype=torch.float32 if args.method == "qlora" else dtype)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    out, model, tokenizer = start_run(args)
     train_rows, val_rows, task = _data(args)
     train_set = SFTDataset(train_rows, tokenizer, args.max_length, completion_only=args.completion_only,
                            skip_bad=args.skip_bad_rows, pack=args.packing)
@@ -125,18 +112,14 @@ def train_sft(args: SFTArgs) -> TrainResult:
     if args.method == "full":
         model.requires_grad_(True)
     else:
-        add_adapter(model, LoraConfig(r=args.r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                                      target_modules=args.target_modules, init_lora_weights=args.init_lora_weights,
-                                      use_rslora=args.use_rslora))
+        add_adapter(model, lora_config(args))
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     report = trainable_parameters(model)
 
     # --- optimizer and schedule
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(args.optimizer, params, lr=args.lr, weight_decay=args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: cosine_schedule(s, args.warmup_steps, args.max_steps, args.min_lr_ratio))
+    optimizer, scheduler = optimizer_and_schedule(args, params)
     state = TrainState()
     resume_from = latest_checkpoint(out) if args.resume else None
     if resume_from is not None:
