@@ -97,6 +97,8 @@ class PagedAdamW(torch.optim.Optimizer):
         TypeError: on ``step()``, a non-floating-point parameter or a sparse gradient.
     """
 
+    _quantize = False  # 8-bit states (PagedAdamW8bit) or float32 ones
+
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
@@ -110,7 +112,7 @@ class PagedAdamW(torch.optim.Optimizer):
 
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
         """Apply one update to every parameter that has a gradient; returns ``closure()`` if given."""
-        return _step_with_closure(self, closure, quantize=False)
+        return _step_with_closure(self, closure, quantize=self._quantize)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a ``state_dict()``; states go to pinned host memory for CUDA params, never to the GPU."""
@@ -118,7 +120,7 @@ class PagedAdamW(torch.optim.Optimizer):
         _restore_state_(self, state_dict, paged=True)
 
 
-class PagedAdamW8bit(torch.optim.Optimizer):
+class PagedAdamW8bit(PagedAdamW):
     """``AdamW8bit`` with its states (uint8 codes + absmax, ~2 bytes/param) in pinned host memory.
 
     On CPU params it is ``AdamW8bit`` exactly. On CUDA, dequantize/update/requantize run on the GPU on
@@ -136,22 +138,4 @@ class PagedAdamW8bit(torch.optim.Optimizer):
         TypeError: on ``step()``, a non-floating-point parameter or a sparse gradient.
     """
 
-    def __init__(
-        self,
-        params: Iterable[Tensor] | Iterable[dict[str, Any]],
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 1e-2,
-    ) -> None:
-        _check_hparams(lr, betas, eps, weight_decay)
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
-
-    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
-        """Apply one update to every parameter that has a gradient; returns ``closure()`` if given."""
-        return _step_with_closure(self, closure, quantize=True)
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a ``state_dict()``; states go to pinned host memory for CUDA params, never to the GPU."""
-        super().load_state_dict({**state_dict, "state": {}})
-        _restore_state_(self, state_dict, paged=True)
+    _quantize = True  # the only difference from PagedAdamW: AdamW8bit's blockwise 8-bit states
