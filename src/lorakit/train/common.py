@@ -20,8 +20,9 @@ from ..config import LoraConfig
 from ..data import IGNORE_INDEX
 from ..models import load_model
 from ..optim import build_optimizer
+from .head_loss import head_cross_entropy
 
-__all__ = ["start_run", "lora_config", "optimizer_and_schedule", "labelled_logits", "sft_loss", "token_logps", "cosine_schedule", "TrainState", "save_checkpoint", "load_checkpoint",
+__all__ = ["start_run", "lora_config", "optimizer_and_schedule", "labelled_losses", "sft_loss", "token_logps", "cosine_schedule", "TrainState", "save_checkpoint", "load_checkpoint",
            "latest_checkpoint", "MetricsLog", "plot_losses", "seed_everything"]
 
 
@@ -34,42 +35,44 @@ def _decoder_and_head(model: nn.Module) -> tuple[nn.Module | None, nn.Module | N
     return (decoder, head) if decoder is not None and head is not None and decoder is not model else (None, None)
 
 
-def labelled_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor,
-                                                                                torch.Tensor]:
-    """Float32 logits at the positions that predict a label, those labels, and where they are.
+def labelled_losses(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float32 next-token cross-entropy at every position that predicts a label, and where they are.
 
     Returns:
-        ``logits`` (N, vocab), ``targets`` (N,) and ``keep`` (B, T-1), the mask that selected them (position t
-        predicts token t + 1).
+        ``losses`` (N,) and ``keep`` (B, T-1), the mask that selected them (position t predicts token t + 1).
 
     Note: head on labelled tokens only
         The output head (vocab × hidden; 28% of SmolLM2's weights) is applied only where a label exists, so
-        prompt and padding positions never pay for it, and the (batch, seq, vocab) logits tensor is never built.
-        Models without ``get_decoder``/``get_output_embeddings`` fall back to their full logits.
+        prompt and padding positions never pay for it, and the (batch, seq, vocab) logits tensor is never built:
+        a frozen ``nn.Linear`` head goes through :func:`head_cross_entropy` (chunked, gradient computed in the
+        forward pass). A trainable or wrapped head gets float32 logits at the labelled positions. Models without
+        ``get_decoder``/``get_output_embeddings`` fall back to their full logits.
     """
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE_INDEX
+    targets = targets[keep]
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
     decoder, head = _decoder_and_head(model)
     if decoder is None:
         logits = model(**inputs).logits[:, :-1][keep]
-    else:
-        logits = head(decoder(**inputs).last_hidden_state[:, :-1][keep])  # (N, vocab)
-    return logits.float(), targets[keep], keep
+        return F.cross_entropy(logits.float(), targets, reduction="none"), keep
+    hidden = decoder(**inputs).last_hidden_state[:, :-1][keep]  # (N, hidden)
+    if type(head) is nn.Linear and not any(p.requires_grad for p in head.parameters()):
+        return head_cross_entropy(hidden, head.weight, targets, head.bias), keep
+    return F.cross_entropy(head(hidden).float(), targets, reduction="none"), keep
 
 
 def sft_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy over labelled tokens, and their count."""
-    logits, targets, _ = labelled_logits(model, batch)
-    return F.cross_entropy(logits, targets, reduction="sum"), int(targets.numel())
+    losses, _ = labelled_losses(model, batch)
+    return losses.sum(), int(losses.numel())
 
 
 def token_logps(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Per-row sum of log-probabilities of the labelled tokens, shape (B,) — DPO's sequence log-likelihood."""
-    logits, targets, keep = labelled_logits(model, batch)
-    logps = -F.cross_entropy(logits, targets, reduction="none")  # log p(target) per labelled token
-    rows = torch.arange(keep.shape[0])[:, None].expand_as(keep)[keep]
-    return torch.zeros(keep.shape[0], dtype=logps.dtype).index_add(0, rows, logps)
+    losses, keep = labelled_losses(model, batch)
+    rows = torch.arange(keep.shape[0], device=keep.device)[:, None].expand_as(keep)[keep]
+    return torch.zeros(keep.shape[0], dtype=losses.dtype, device=losses.device).index_add(0, rows, -losses)
 
 
 def start_run(args) -> tuple[Path, nn.Module, Any]:
