@@ -18,6 +18,7 @@ from .layer import LoraLinear
 from .merge import MergeReport, save_merged, verify_merge
 from .models import EMBEDDED_NAME, load_model
 from .peft_format import adapter_state_dict, from_pretrained, load_adapter, save_adapter
+from .recompute import recompute_cheap_activations, stop_recomputing
 from . import optim, quant  # noqa: E402  (subpackages used as lorakit.optim / lorakit.quant)
 
 __version__ = "0.1.0"
@@ -44,9 +45,11 @@ __all__ = [
     "optim",
     "quant",
     "print_trainable_parameters",
+    "recompute_cheap_activations",
     "save_adapter",
     "save_merged",
     "set_adapter",
+    "stop_recomputing",
     "trainable_parameters",
     "unload",
     "unmerge_adapter",

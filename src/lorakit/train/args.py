@@ -82,6 +82,9 @@ class SFTArgs:
     """Gradient clipping (0 disables)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (less memory, ~30% more time)."""
+    recompute_activations: bool = True
+    """Recompute the cheap activations (norm outputs, SwiGLU product) in backward: ~40% less activation memory
+    at a few elementwise passes per layer, same gradients (``lorakit.recompute_cheap_activations``)."""
     seed: int = 0
     """Seed for data order, adapter init and dropout."""
     threads: int = 0

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..recompute import recompute_cheap_activations
 from ..adapters import disable_adapter, set_adapter, trainable_parameters
 from ..data import PreferenceDataset, collate_preference, load_splits
 from ..inject import add_adapter
@@ -81,6 +82,8 @@ def train_dpo(args: DPOArgs) -> TrainResult:
         add_adapter(model, lora_config(args))
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif args.recompute_activations:
+        recompute_cheap_activations(model, strict=False)
     train_rows, val_rows = load_splits(args.train_file, args.val_file, val_fraction=args.val_fraction,
                                        seed=args.seed, skip_bad=args.skip_bad_rows, formats=["preference"])
     train_set = PreferenceDataset(train_rows, tokenizer, args.max_length, skip_bad=args.skip_bad_rows)

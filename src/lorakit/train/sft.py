@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..recompute import recompute_cheap_activations
 from ..adapters import TrainableReport, trainable_parameters
 from ..data import SFTDataset, collate_sft, load_splits
 from ..evaluate import exact_match, validation_loss
@@ -115,6 +116,8 @@ def train_sft(args: SFTArgs) -> TrainResult:
         add_adapter(model, lora_config(args))
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif args.recompute_activations:
+        recompute_cheap_activations(model, strict=False)
     report = trainable_parameters(model)
 
     # --- optimizer and schedule
