@@ -4,8 +4,12 @@ Comparisons (one JSON line each; ratio = lorakit / peer):
 - nf4_quantize_dequantize: NF4 + double quantization of every linear weight of the model, then dequantization.
 - qlora_train_step: LoRA r16 α32 all-linear on an NF4 base (compute float32), batch × seq tokens, vs PEFT on a
   transformers + bitsandbytes 4-bit model with the same settings; also peak RSS growth during the steps.
-- qlora_vs_lora_fp32: the QLoRA step vs lorakit's own float32 LoRA step.
-- qlora_inference: one forward of batch 1 × 64 tokens with the adapter unmerged.
+  Each side's step is what its users run: lorakit's is ``train_sft``'s (``sft_loss``: chunked head cross-entropy,
+  with ``recompute_cheap_activations``), PEFT's is ``model(input_ids, labels=...).loss`` (as Trainer computes it).
+  The same loss value either way; ``ours_hf_loss`` is lorakit's model stepped the transformers way, for reference.
+- qlora_vs_lora_fp32: the QLoRA step vs lorakit's own float32 LoRA step (both lorakit's training step).
+- qlora_inference: one forward of batch 1 × 64 tokens with the adapter unmerged, vs bitsandbytes' eval-mode path
+  (weights repacked for an AVX512-BF16 kernel: bfloat16 precision) and vs its float32 path (train mode, no_grad).
 - model_bytes_per_param: memory of the quantized linear weights (packed + stats) per parameter.
 
 Usage: python bench/bench_qlora.py [--repeats 5] [--threads 2] [--batch 4] [--seq 256]
@@ -21,6 +25,7 @@ import torch
 
 import lorakit
 from lorakit.quant import NF4Linear, dequantize_4bit, double_dequantize, double_quantize, quantize_4bit
+from lorakit.train.common import sft_loss
 
 from common import alternate, child_memory, peak_rss, reset_peak_rss
 
@@ -35,7 +40,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--child", choices=["ours", "peer"], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=["ours", "ours_hf_loss", "peer"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     import bitsandbytes.functional as bnbf
@@ -64,7 +69,7 @@ def main() -> None:
     # --- models
     kw = KW
     ours, theirs = build_ours(), build_peer()
-    fp32 = lorakit.add_adapter(copy.deepcopy(base), lorakit.LoraConfig(**kw))
+    fp32 = lorakit.recompute_cheap_activations(lorakit.add_adapter(copy.deepcopy(base), lorakit.LoraConfig(**kw)))
     del base
     packed_bytes = sum(b.numel() * b.element_size() for m in ours.modules() if isinstance(m, NF4Linear)
                        for b in m.buffers())
@@ -73,13 +78,14 @@ def main() -> None:
 
     batch = torch.randint(0, 49152, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
 
-    t = alternate({"ours": step_fn(ours, batch), "peer": step_fn(theirs, batch), "fp32": step_fn(fp32, batch)},
-                  args.repeats)
-    mem = {side: child_memory(__file__, side, args) for side in ("ours", "peer")}
+    t = alternate({"ours": step_fn(ours, batch, lorakit_step=True), "peer": step_fn(theirs, batch),
+                   "fp32": step_fn(fp32, batch, lorakit_step=True)}, args.repeats)
+    mem = {side: child_memory(__file__, side, args) for side in ("ours", "ours_hf_loss", "peer")}
     emit(name="qlora_train_step", lorakit_s=t["ours"], peer_s=t["peer"], ratio=t["ours"] / t["peer"])
     emit(name="qlora_training_peak_rss_over_setup", lorakit_mb=mem["ours"]["over"] / 2**20,
          peer_mb=mem["peer"]["over"] / 2**20, ratio=mem["ours"]["over"] / mem["peer"]["over"],
-         lorakit_peak_mb=mem["ours"]["peak"] / 2**20, peer_peak_mb=mem["peer"]["peak"] / 2**20)
+         lorakit_peak_mb=mem["ours"]["peak"] / 2**20, peer_peak_mb=mem["peer"]["peak"] / 2**20,
+         lorakit_hf_loss_no_recompute_mb=mem["ours_hf_loss"]["over"] / 2**20)
     emit(name="qlora_vs_lora_fp32_step", lorakit_s=t["ours"], peer_s=t["fp32"], ratio=t["ours"] / t["fp32"])
 
     # --- inference, adapter unmerged
@@ -93,15 +99,30 @@ def main() -> None:
         return run
 
     t = alternate({"ours": infer(ours), "peer": infer(theirs)}, args.repeats * 2)
-    emit(name="qlora_inference_1x64", lorakit_s=t["ours"], peer_s=t["peer"], ratio=t["ours"] / t["peer"])
+    emit(name="qlora_inference_1x64", lorakit_s=t["ours"], peer_s=t["peer"], ratio=t["ours"] / t["peer"],
+         peer_max_rel_err=_rel_err(theirs, ours, prompt))
+    # bitsandbytes' eval-mode CPU path repacks the weights and computes in bfloat16 whatever compute_dtype says
+    # (peer_max_rel_err above); in train mode under no_grad it dequantizes and multiplies in float32, as we do
+    theirs.train()
+    t = alternate({"ours": infer(ours), "peer": infer(theirs)}, args.repeats * 2)
+    emit(name="qlora_inference_1x64_float32_both", lorakit_s=t["ours"], peer_s=t["peer"],
+         ratio=t["ours"] / t["peer"], peer_max_rel_err=_rel_err(theirs, ours, prompt))
+
+
+def _rel_err(theirs, ours, prompt) -> float:
+    """Largest |peer - float32 reference| / max |reference| over the logits (ours is exact float32 compute)."""
+    with torch.no_grad():
+        ref = ours(input_ids=prompt).logits
+        return ((theirs(input_ids=prompt).logits - ref).abs().max() / ref.abs().max()).item()
 
 
 KW = dict(r=16, lora_alpha=32, target_modules="all-linear")
 
 
-def build_ours():
+def build_ours(recompute: bool = True):
     ours, _ = lorakit.load_model(quantization="nf4", compute_dtype=torch.float32)
-    return lorakit.add_adapter(ours, lorakit.LoraConfig(**KW))
+    lorakit.add_adapter(ours, lorakit.LoraConfig(**KW))
+    return lorakit.recompute_cheap_activations(ours) if recompute else ours
 
 
 def build_peer():
@@ -117,12 +138,18 @@ def build_peer():
     return peft.get_peft_model(bnb_model, peft.LoraConfig(task_type="CAUSAL_LM", **KW))
 
 
-def step_fn(model, batch):
+def step_fn(model, batch, lorakit_step: bool = False):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     model.train()
 
+    def loss():
+        if lorakit_step:
+            total, n = sft_loss(model, {"input_ids": batch, "labels": batch})
+            return total / n
+        return model(input_ids=batch, labels=batch).loss
+
     def step():
-        model(input_ids=batch, labels=batch).loss.backward()
+        loss().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
     return step
@@ -131,9 +158,9 @@ def step_fn(model, batch):
 def _memory_child(args) -> None:
     import psutil
 
-    model = build_ours() if args.child == "ours" else build_peer()
+    model = build_peer() if args.child == "peer" else build_ours(recompute=args.child == "ours")
     batch = torch.randint(0, 49152, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
-    step = step_fn(model, batch)
+    step = step_fn(model, batch, lorakit_step=args.child == "ours")
     base_rss = psutil.Process().memory_info().rss
     reset_peak_rss()
     for _ in range(2):
