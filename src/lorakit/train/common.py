@@ -20,6 +20,7 @@ from ..config import LoraConfig
 from ..data import IGNORE_INDEX
 from ..models import load_model
 from ..optim import build_optimizer
+from .allocator import keep_freed_memory
 from .head_loss import head_cross_entropy
 
 __all__ = ["start_run", "lora_config", "optimizer_and_schedule", "labelled_losses", "sft_loss", "token_logps", "cosine_schedule", "TrainState", "save_checkpoint", "load_checkpoint",
@@ -76,13 +77,14 @@ def token_logps(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tenso
 
 
 def start_run(args) -> tuple[Path, nn.Module, Any]:
-    """What every run does first: output dir, threads, seed, then the base (NF4-quantized for ``method: qlora``).
+    """What every run does first: output dir, malloc settings, threads, seed, then the base (NF4-quantized for ``method: qlora``).
 
     Returns:
         ``(output_dir, model, tokenizer)``; the tokenizer gets EOS as its pad token when it has none.
     """
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    keep_freed_memory()  # See Note: why a training step pays for page faults
     if args.threads:
         torch.set_num_threads(args.threads)
     seed_everything(args.seed)
