@@ -3,7 +3,9 @@
 Each comparison alternates lorakit and PEFT runs (and the limit) and reports medians, so machine noise hits both
 alike. One JSON line per comparison: name, lorakit_s, peer_s, ratio (lorakit / peer) and, for training steps,
 vs_limit (lorakit / limit), where the limit is the same model with every weight frozen and only input gradients on
-(forward + backward through the activations, no LoRA): no LoRA training step can be cheaper.
+(forward + backward through the activations, no LoRA): no LoRA training step can be cheaper. The main rows use
+transformers' loss on every side; ``..._training_loss`` repeats dropout 0 with lorakit's training step (``sft_loss``
++ ``recompute_cheap_activations``) against a limit computing that same loss.
 
 Usage: python bench/bench_core.py [--repeats 5] [--threads 2] [--batch 4] [--seq 256]
 """
@@ -23,6 +25,7 @@ import torch
 import lorakit
 from common import alternate
 from lorakit.optim import build_optimizer
+from lorakit.train.common import sft_loss
 
 
 def timed(fn) -> float:
@@ -32,10 +35,12 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def report(name: str, ours: float, peer: float, limit: float | None = None) -> None:
+def report(name: str, ours: float, peer: float, limit: float | None = None, peer_vs_limit: bool = True) -> None:
     row = {"name": name, "lorakit_s": round(ours, 4), "peer_s": round(peer, 4), "ratio": round(ours / peer, 3)}
     if limit is not None:
-        row.update(limit_s=round(limit, 4), vs_limit=round(ours / limit, 3), peer_vs_limit=round(peer / limit, 3))
+        row.update(limit_s=round(limit, 4), vs_limit=round(ours / limit, 3))
+        if peer_vs_limit:
+            row.update(peer_vs_limit=round(peer / limit, 3))
     print(json.dumps(row), flush=True)
 
 
@@ -43,6 +48,16 @@ def train_step(model, batch, opt):
     def step():
         out = model(input_ids=batch, labels=batch)
         out.loss.backward()
+        if opt is not None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    return step
+
+
+def lorakit_step(model, batch, opt):
+    def step():
+        total, n = sft_loss(model, {"input_ids": batch, "labels": batch})
+        (total / n).backward()
         if opt is not None:
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -82,8 +97,15 @@ def main() -> None:
         o1 = build_optimizer("adamw", [p for p in ours.parameters() if p.requires_grad], lr=1e-4)
         o2 = build_optimizer("adamw", [p for p in theirs.parameters() if p.requires_grad], lr=1e-4)
         t = alternate({"limit": limit_step, "ours": train_step(ours, batch, o1), "peer": train_step(theirs, batch, o2)},
-                      args.repeats)
+                      args.repeats, warmup=3)  # steady state: the first steps of fresh copies fault their memory in
         report(name, t["ours"], t["peer"], t["limit"])
+        if dropout == 0.0 and want(name + "_training_loss"):
+            # lorakit's own training step (sft_loss: chunked head cross-entropy; recompute_cheap_activations) vs the
+            # limit computing the same loss; the peer keeps transformers' loss, as PEFT users run it
+            lorakit.recompute_cheap_activations(ours)
+            t = alternate({"limit": lorakit_step(limit_model, batch, None), "ours": lorakit_step(ours, batch, o1),
+                           "peer": train_step(theirs, batch, o2)}, args.repeats, warmup=3)
+            report(name + "_training_loss", t["ours"], t["peer"], t["limit"], peer_vs_limit=False)
         del ours, theirs, o1, o2
 
     kw = dict(r=16, lora_alpha=32, target_modules="all-linear")

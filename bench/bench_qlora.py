@@ -101,9 +101,11 @@ def main() -> None:
     t = alternate({"ours": infer(ours), "peer": infer(theirs)}, args.repeats * 2)
     emit(name="qlora_inference_1x64", lorakit_s=t["ours"], peer_s=t["peer"], ratio=t["ours"] / t["peer"],
          peer_max_rel_err=_rel_err(theirs, ours, prompt))
-    # bitsandbytes' eval-mode CPU path repacks the weights and computes in bfloat16 whatever compute_dtype says
-    # (peer_max_rel_err above); in train mode under no_grad it dequantizes and multiplies in float32, as we do
-    theirs.train()
+    # bitsandbytes' eval-mode CPU path repacks the weights (for good) and computes in bfloat16 whatever
+    # compute_dtype says (peer_max_rel_err above); a model never put in eval mode dequantizes and multiplies in
+    # float32 under no_grad, as we do (its LoRA dropout is 0, so train mode changes nothing else)
+    del theirs
+    theirs = build_peer().train()
     t = alternate({"ours": infer(ours), "peer": infer(theirs)}, args.repeats * 2)
     emit(name="qlora_inference_1x64_float32_both", lorakit_s=t["ours"], peer_s=t["peer"],
          ratio=t["ours"] / t["peer"], peer_max_rel_err=_rel_err(theirs, ours, prompt))

@@ -16,10 +16,11 @@ import sys
 import time
 
 
-def alternate(fns: dict, repeats: int) -> dict[str, float]:
-    """Median seconds of each function, run in rotating order ``repeats`` times after one warm-up each."""
-    for fn in fns.values():
-        fn()
+def alternate(fns: dict, repeats: int, warmup: int = 1) -> dict[str, float]:
+    """Median seconds of each function, run in rotating order ``repeats`` times after ``warmup`` rounds of each."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
     times = {k: [] for k in fns}
     names = list(fns)
     for i in range(repeats):
