@@ -9,7 +9,8 @@ Comparisons (one JSON line each; ratio = lorakit / peer):
   The same loss value either way; ``ours_hf_loss`` is lorakit's model stepped the transformers way, for reference.
 - qlora_vs_lora_fp32: the QLoRA step vs lorakit's own float32 LoRA step (both lorakit's training step).
 - qlora_inference: one forward of batch 1 × 64 tokens with the adapter unmerged, vs bitsandbytes' eval-mode path
-  (weights repacked for an AVX512-BF16 kernel: bfloat16 precision) and vs its float32 path (train mode, no_grad).
+  (weights repacked for an AVX512-BF16 kernel: bfloat16 precision, whose logit error is reported), lorakit with
+  compute_dtype bfloat16 vs the same, and both in float32 (bitsandbytes in train mode under no_grad).
 - model_bytes_per_param: memory of the quantized linear weights (packed + stats) per parameter.
 
 Usage: python bench/bench_qlora.py [--repeats 5] [--threads 2] [--batch 4] [--seq 256]
@@ -88,9 +89,14 @@ def main() -> None:
          lorakit_hf_loss_no_recompute_mb=mem["ours_hf_loss"]["over"] / 2**20)
     emit(name="qlora_vs_lora_fp32_step", lorakit_s=t["ours"], peer_s=t["fp32"], ratio=t["ours"] / t["fp32"])
 
-    # --- inference, adapter unmerged
+    # --- inference, adapter unmerged. bitsandbytes' eval-mode CPU path repacks the weights (for good) for an
+    # AVX512-BF16 kernel and computes in bfloat16 whatever compute_dtype says; a model never put in eval mode
+    # dequantizes and multiplies in float32 under no_grad, as lorakit does with compute_dtype=float32.
     prompt = batch[:1, :64]
     ours.eval(), theirs.eval()
+    exact = build_peer().train()  # LoRA dropout is 0: train mode changes nothing else
+    ours_bf16 = build_ours(compute_dtype=torch.bfloat16).eval()
+    err = _base_rel_err(theirs, exact, prompt)
 
     def infer(model):
         def run():
@@ -98,31 +104,28 @@ def main() -> None:
                 model(input_ids=prompt)
         return run
 
-    t = alternate({"ours": infer(ours), "peer": infer(theirs)}, args.repeats * 2)
+    t = alternate({"ours": infer(ours), "ours_bf16": infer(ours_bf16), "peer": infer(theirs),
+                   "peer_fp32": infer(exact)}, args.repeats * 2)
     emit(name="qlora_inference_1x64", lorakit_s=t["ours"], peer_s=t["peer"], ratio=t["ours"] / t["peer"],
-         peer_max_rel_err=_rel_err(theirs, ours, prompt))
-    # bitsandbytes' eval-mode CPU path repacks the weights (for good) and computes in bfloat16 whatever
-    # compute_dtype says (peer_max_rel_err above); a model never put in eval mode dequantizes and multiplies in
-    # float32 under no_grad, as we do (its LoRA dropout is 0, so train mode changes nothing else)
-    del theirs
-    theirs = build_peer().train()
-    t = alternate({"ours": infer(ours), "peer": infer(theirs)}, args.repeats * 2)
-    emit(name="qlora_inference_1x64_float32_both", lorakit_s=t["ours"], peer_s=t["peer"],
-         ratio=t["ours"] / t["peer"], peer_max_rel_err=_rel_err(theirs, ours, prompt))
+         note="lorakit float32 compute vs bitsandbytes eval path", peer_eval_path_logit_rel_err=err)
+    emit(name="qlora_inference_1x64_bf16_compute", lorakit_s=t["ours_bf16"], peer_s=t["peer"],
+         ratio=t["ours_bf16"] / t["peer"])
+    emit(name="qlora_inference_1x64_float32_both", lorakit_s=t["ours"], peer_s=t["peer_fp32"],
+         ratio=t["ours"] / t["peer_fp32"])
 
 
-def _rel_err(theirs, ours, prompt) -> float:
-    """Largest |peer - float32 reference| / max |reference| over the logits (ours is exact float32 compute)."""
-    with torch.no_grad():
-        ref = ours(input_ids=prompt).logits
-        return ((theirs(input_ids=prompt).logits - ref).abs().max() / ref.abs().max()).item()
+def _base_rel_err(fast, exact, prompt) -> float:
+    """max |logits(fast) - logits(exact)| / max |logits(exact)| of the same quantized base, adapters disabled."""
+    with torch.no_grad(), fast.disable_adapter(), exact.disable_adapter():
+        ref = exact(input_ids=prompt).logits
+        return ((fast(input_ids=prompt).logits - ref).abs().max() / ref.abs().max()).item()
 
 
 KW = dict(r=16, lora_alpha=32, target_modules="all-linear")
 
 
-def build_ours(recompute: bool = True):
-    ours, _ = lorakit.load_model(quantization="nf4", compute_dtype=torch.float32)
+def build_ours(recompute: bool = True, compute_dtype: torch.dtype = torch.float32):
+    ours, _ = lorakit.load_model(quantization="nf4", compute_dtype=compute_dtype)
     lorakit.add_adapter(ours, lorakit.LoraConfig(**KW))
     return lorakit.recompute_cheap_activations(ours) if recompute else ours
 

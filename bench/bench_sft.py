@@ -45,6 +45,7 @@ def main() -> None:
 
     def setup_ours():
         ours = lorakit.add_adapter(copy.deepcopy(base), lorakit.LoraConfig(**kw))
+        lorakit.recompute_cheap_activations(ours)  # as train_sft does by default
         ours.train()
         data = SFTDataset(rows, tokenizer, 256)
         batches = [collate_sft([data[i] for i in range(s * args.batch, (s + 1) * args.batch)],

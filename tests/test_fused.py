@@ -43,3 +43,32 @@ def test_frozen_input_skips_input_grad():
     A, B = torch.randn(2, 4, requires_grad=True), torch.randn(5, 2, requires_grad=True)
     lora_linear(x, torch.randn(5, 4), None, A, B, 1.0).sum().backward()
     assert A.grad is not None and B.grad is not None
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_quantized_base_takes_the_fused_node_with_the_same_result(monkeypatch, kind, bias):
+    import lorakit.fused as fused
+    from lorakit import LoraConfig, add_adapter
+    from lorakit.quant import quantize_model_
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 48, bias=bias))
+    quantize_model_(model, kind, compute_dtype=torch.float32, skip_modules=())
+    add_adapter(model, LoraConfig(target_modules=["0"], r=4, lora_alpha=8, init_lora_weights=False))
+    layer = model[0]
+    calls = []
+    monkeypatch.setattr(fused._LoraLinear, "apply", lambda *a: calls.append(1) or real_apply(*a))
+    real_apply = torch.autograd.Function.apply.__get__(fused._LoraLinear, type(fused._LoraLinear))
+    x = torch.randn(3, 5, 64, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        out = layer(x)
+    assert calls  # the quantized base went through the fused node
+    assert (48, 64) not in saved  # no dequantized weight is kept for backward
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    ref = layer.base_layer(x) + 2.0 * (x @ A.T) @ B.T  # NF4Linear / Int8Linear alone + the formula
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(out)
+    for got, want in zip(torch.autograd.grad(out, (x, A, B), g), torch.autograd.grad(ref, (x, A, B), g)):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -9,9 +9,13 @@ Note: fused dense LoRA
     bottleneck are saved. Each weight gradient is one thin matmul: ``dB = s·gᵀ xa``, ``dA = g_xaᵀ x``.
 
     Gradients equal the unfused expression's (tested against it); this is just fewer passes over memory.
+    Quantized bases (QLoRA) take the same node: the weight is dequantized for the forward matmul and again for
+    the backward one, and never kept.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 
@@ -20,15 +24,18 @@ __all__ = ["lora_linear"]
 
 class _LoraLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, mask):
-        # x: (N, in); weight: (out, in); lora_A: (r, in); lora_B: (out, r); mask: (N, r) scaled keep-mask or None
-        out = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, mask, dequantize):
+        # x: (N, in); weight: (out, in), or None and dequantize() gives it; lora_A: (r, in); lora_B: (out, r);
+        # mask: (N, r) scaled keep-mask or None
+        w = weight if dequantize is None else dequantize()
+        out = torch.addmm(bias, x, w.t()) if bias is not None else x @ w.t()
+        del w  # a dequantized weight lives for this matmul only
         xa = x @ lora_A.t()  # (N, r)
         if mask is not None:
             xa = xa * mask
         out.addmm_(xa, lora_B.t(), alpha=scaling)
         ctx.save_for_backward(x, weight, lora_A, lora_B, xa, mask)
-        ctx.scaling = scaling
+        ctx.scaling, ctx.dequantize = scaling, dequantize
         return out
 
     @staticmethod
@@ -42,20 +49,24 @@ class _LoraLinear(torch.autograd.Function):
         grad_A = grad_xa.t() @ x if ctx.needs_input_grad[3] else None  # (r, in)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad @ weight  # (N, in)
+            grad_x = grad @ (weight if ctx.dequantize is None else ctx.dequantize())  # (N, in)
             grad_x.addmm_(grad_xa, lora_A)
         grad_bias = grad.sum(0) if ctx.needs_input_grad[2] else None
         grad_weight = grad.t() @ x if ctx.needs_input_grad[1] else None
-        return grad_x, grad_weight, grad_bias, grad_A, grad_B, None, None
+        return grad_x, grad_weight, grad_bias, grad_A, grad_B, None, None, None
 
 
-def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
-                lora_B: torch.Tensor, scaling: float, dropout: float = 0.0, training: bool = False) -> torch.Tensor:
+def lora_linear(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, lora_A: torch.Tensor,
+                lora_B: torch.Tensor, scaling: float, dropout: float = 0.0, training: bool = False,
+                dequantize: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
     """``x Wᵀ + b + scaling · B (m ⊙ A x)`` with ``m`` a dropout keep-mask on the rank-r bottleneck.
 
     Args:
         x: ``(..., in)``; weight ``(out, in)``; bias ``(out,)`` or None; lora_A ``(r, in)``; lora_B ``(out, r)``.
         dropout: probability of zeroing a bottleneck unit in training (kept units scaled by ``1 / (1 - p)``).
+        dequantize: for a quantized base (``weight=None``): returns the ``(out, in)`` weight in ``x``'s dtype; it
+            is called once in forward and once in backward, and its result is never kept (QLoRA keeps only the
+            packed weight, as ``NF4Linear`` alone does).
 
     Returns:
         ``(..., out)`` in ``x``'s dtype (all tensors must share it).
@@ -66,5 +77,5 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     if dropout and training:
         mask = torch.empty(x2.shape[0], lora_A.shape[0], dtype=x.dtype, device=x.device)
         mask.bernoulli_(1 - dropout).div_(1 - dropout)
-    out = _LoraLinear.apply(x2, weight, bias, lora_A, lora_B, scaling, mask)
+    out = _LoraLinear.apply(x2, weight, bias, lora_A, lora_B, scaling, mask, dequantize)
     return out.view(*shape[:-1], out.shape[-1])

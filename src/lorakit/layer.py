@@ -114,8 +114,13 @@ class LoraLinear(nn.Module):
         fast = self._fused_adapter(x)
         if fast is not None:  # See Note: fused dense LoRA (lorakit.fused)
             A, B = self.lora_A[fast].weight, self.lora_B[fast].weight
-            return lora_linear(x, self.base_layer.weight, self.base_layer.bias, A, B, self.scaling[fast],
-                               self.lora_dropout[fast], self.training)
+            base = self.base_layer
+            if type(base) is nn.Linear:
+                return lora_linear(x, base.weight, base.bias, A, B, self.scaling[fast], self.lora_dropout[fast],
+                                   self.training)
+            bias = None if base.bias is None else base.bias.to(x.dtype)
+            return lora_linear(x, None, bias, A, B, self.scaling[fast], self.lora_dropout[fast], self.training,
+                               dequantize=base.dequantizer())
         result = self.base_layer(x)
         if self.disabled:
             return result
@@ -132,15 +137,21 @@ class LoraLinear(nn.Module):
         return result
 
     def _fused_adapter(self, x: torch.Tensor) -> str | None:
-        """The one unmerged active adapter when the base is a plain ``nn.Linear`` of ``x``'s dtype, else None."""
-        if self.disabled or len(self.active_adapters) != 1 or type(self.base_layer) is not nn.Linear:
+        """The one unmerged active adapter when the base is a plain ``nn.Linear`` of ``x``'s dtype, or a quantized
+        base computing in ``x``'s dtype, else None."""
+        if self.disabled or len(self.active_adapters) != 1:
             return None
         if torch.is_autocast_enabled(x.device.type):  # autocast picks per-op dtypes; the generic path follows them
             return None
         name = self.active_adapters[0]
         if name in self.merged_adapters or self.lora_A[name].weight.dtype != x.dtype:
             return None
-        return name if self.base_layer.weight.dtype == x.dtype else None
+        base = self.base_layer
+        if type(base) is nn.Linear:
+            return name if base.weight.dtype == x.dtype else None
+        if callable(getattr(base, "dequantizer", None)) and getattr(base, "compute_dtype", None) == x.dtype:
+            return name
+        return None
 
     # --- merge
 

@@ -17,6 +17,9 @@ State dict (bitsandbytes order): ``weight`` int8 ``(out, in)``, ``bias``, ``SCB`
 
 from __future__ import annotations
 
+import functools
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -116,6 +119,10 @@ class Int8Linear(nn.Module):
     def dequantize(self) -> torch.Tensor:
         """The weight as an ``(out_features, in_features)`` tensor in ``compute_dtype``."""
         return dequantize_int8_rowwise(self.weight, self.SCB, self.compute_dtype)
+
+    def dequantizer(self) -> Callable[[], torch.Tensor]:
+        """A function returning what :meth:`dequantize` returns now (it holds today's buffers)."""
+        return functools.partial(dequantize_int8_rowwise, self.weight, self.SCB, self.compute_dtype)
 
     @torch.no_grad()
     def set_weight_(self, w: torch.Tensor) -> None:

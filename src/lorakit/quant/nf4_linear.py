@@ -18,8 +18,10 @@ Note: bitsandbytes state-dict keys
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -165,8 +167,14 @@ class NF4Linear(nn.Module):
 
     def dequantize(self) -> torch.Tensor:
         """The weight as an ``(out_features, in_features)`` tensor in ``compute_dtype`` (a fresh tensor)."""
-        spec = self._spec(self.compute_dtype)
-        return _dequant(self.weight, self.weight_absmax, self.weight_nested_absmax, spec)
+        return self.dequantizer()()
+
+    def dequantizer(self) -> Callable[[], torch.Tensor]:
+        """A function returning what :meth:`dequantize` returns now: it holds today's packed weight and scales,
+        so a later ``set_weight_`` (which swaps in new buffers) does not change it (the fused LoRA node calls it
+        again in backward)."""
+        return functools.partial(_dequant, self.weight, self.weight_absmax, self.weight_nested_absmax,
+                                 self._spec(self.compute_dtype))
 
     @torch.no_grad()
     def set_weight_(self, w: torch.Tensor) -> None:
