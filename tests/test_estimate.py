@@ -134,3 +134,47 @@ def test_table_text():
     text = str(estimate_training(SMOLLM2, r=16, budget_gb=4, name="SmolLM2-135M-Instruct"))
     assert "134,515,008" in text and "4,884,480" in text and "fits in 4.00 GiB: LoRA, QLoRA" in text
     assert format_bytes(1536) == "1.50 KiB" and format_bytes(3 * 2**30) == "3.00 GiB"
+
+
+def test_lean_activation_formula_by_hand():
+    shape = ModelShape(hidden_size=8, intermediate_size=16, num_attention_heads=2, num_key_value_heads=1, head_dim=4,
+                       num_hidden_layers=2, vocab_size=10)
+    # per layer and token: 146 - (2·8 + 2·16) = 98; × 2 × 3 × 4 = 2352; final norm 192; logits of min(3, chunk) rows
+    assert activation_bytes(shape, 1, 3, 4, r=2, n_adapted=7, lean=True) == 2352 + 192 + 240
+    big = ModelShape(hidden_size=8, intermediate_size=16, num_attention_heads=2, num_key_value_heads=1, head_dim=4,
+                     num_hidden_layers=2, vocab_size=2**20)  # a chunk of 16 tokens (the minimum) < 64
+    assert activation_bytes(big, 1, 64, 4, lean=True) - activation_bytes(big, 1, 64, 4, lean=False) == (
+        -2 * 64 * 4 * 48 - 2 * 2**20 * (64 - 16) * 4)
+
+
+def test_lean_estimate_is_not_below_what_lorakit_keeps():
+    """With recompute on and lorakit's loss, the lean estimate still covers what autograd keeps, within 2×."""
+    from lorakit import recompute_cheap_activations
+    from lorakit.train.common import sft_loss
+
+    model = make_tiny_llama(max_position_embeddings=128)
+    add_adapter(model, LoraConfig(r=4, target_modules="all-linear"))
+    recompute_cheap_activations(model)
+    model.train()
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    ids = torch.randint(0, 96, (2, 64))
+    kept: dict[int, int] = {}
+    import lorakit.recompute as rc
+
+    real_pack = rc._LayerRecipes.pack
+
+    def pack(self, t):  # what the recompute hooks keep inside the layers
+        out = real_pack(self, t)
+        if out is t:
+            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return out
+
+    rc._LayerRecipes.pack = pack
+    try:
+        sft_loss(model, {"input_ids": ids, "labels": ids})
+    finally:
+        rc._LayerRecipes.pack = real_pack
+    measured = sum(v for k, v in kept.items() if k not in params)
+    shape = ModelShape.from_config(tiny_llama_config().to_dict())
+    estimated = activation_bytes(shape, 2, 64, 4, r=4, n_adapted=7, lean=True)
+    assert measured <= estimated <= 2.5 * measured

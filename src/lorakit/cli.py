@@ -251,7 +251,7 @@ def _estimate(ns: argparse.Namespace) -> int:
     targets = [t.strip() for t in ns.targets.split(",")] if ns.targets else None
     name = Path(ns.model).parent.name if Path(ns.model).is_file() else Path(ns.model).name
     result = estimate_training(read_config(ns.model), r=ns.r, targets=targets, batch=ns.batch, seq=ns.seq,
-                               dtype=ns.dtype, gradient_checkpointing=ns.gradient_checkpointing,
+                               dtype=ns.dtype, gradient_checkpointing=ns.gradient_checkpointing, lean=ns.lean,
                                budget_gb=ns.budget_gb, name=name)
     print(json.dumps(result.to_dict(), indent=2) if ns.json else result)
     return 0
@@ -339,6 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq", type=int, default=256, help="tokens per example (default: 256)")
     p.add_argument("--dtype", choices=_DTYPES, default="float32", help="weights/activations dtype (default float32)")
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--lean", action="store_true",
+                   help="activations of lorakit's own training loop (recomputed norms/SwiGLU, chunked head loss)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     parser.commands = sub.choices  # {name: subparser}, for the suggestions of _check_command / _check_extras
     return parser

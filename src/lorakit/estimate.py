@@ -146,7 +146,7 @@ def lora_fraction(in_features: int, out_features: int, r: int) -> float:
 
 
 def activation_bytes(shape: ModelShape, batch: int, seq: int, dtype_bytes: int, r: int = 0, n_adapted: int = 0,
-                     gradient_checkpointing: bool = False) -> int:
+                     gradient_checkpointing: bool = False, lean: bool = False) -> int:
     """Bytes of activations kept for the backward pass of one micro-batch.
 
     Note: activation estimate
@@ -165,16 +165,27 @@ def activation_bytes(shape: ModelShape, batch: int, seq: int, dtype_bytes: int, 
         + 2 · B · T · h · s (final norm) + 2 · B · T · V · 4. On SmolLM2-135M (LoRA r=16, float32, B=2, T=128)
         autograd keeps 344 MiB, 392 MiB with the logits alive at the loss; this gives 415 MiB, an estimate on the
         safe side (not an allocator peak).
+
+        ``lean`` describes lorakit's own training loop (``train_sft``/``train_dpo`` defaults):
+        ``recompute_cheap_activations`` drops the two norm outputs, ``act(gate)`` and the product (``2h + 2i``
+        per token and layer), and ``sft_loss`` keeps no logits, only one chunk of ``chunk_rows(V)`` tokens
+        (two float32 blocks) while the head runs.
     """
     h, i = shape.hidden_size, shape.intermediate_size
     q, k = shape.num_attention_heads * shape.head_dim, shape.num_key_value_heads * shape.head_dim
     per_token_layer = 4 * h + 3 * q + 3 * k + 4 * i + r * n_adapted
+    if lean:
+        per_token_layer -= 2 * h + 2 * i
     tokens = batch * seq
     if gradient_checkpointing:
         layers = shape.num_hidden_layers * h * tokens * dtype_bytes + per_token_layer * tokens * dtype_bytes
     else:
         layers = shape.num_hidden_layers * per_token_layer * tokens * dtype_bytes
-    head = 2 * h * tokens * dtype_bytes + 2 * shape.vocab_size * tokens * 4
+    if lean:
+        from .train.head_loss import chunk_rows
+
+    logit_rows = min(tokens, chunk_rows(shape.vocab_size)) if lean else tokens
+    head = 2 * h * tokens * dtype_bytes + 2 * shape.vocab_size * logit_rows * 4
     return layers + head
 
 
@@ -232,6 +243,7 @@ class Estimate:
     methods: list[MethodMemory]
     budget_bytes: int | None = None
     notes: list[str] = field(default_factory=list)
+    lean: bool = False
 
     def fits(self) -> list[str]:
         """Methods whose total is within the budget (all of them without a budget)."""
@@ -239,7 +251,7 @@ class Estimate:
 
     def to_dict(self) -> dict:
         return {"model": self.name, "r": self.r, "targets": list(self.targets), "batch": self.batch, "seq": self.seq,
-                "dtype": self.dtype, "gradient_checkpointing": self.gradient_checkpointing,
+                "dtype": self.dtype, "gradient_checkpointing": self.gradient_checkpointing, "lean": self.lean,
                 "base_params": self.base_params, "lora_params": self.lora_params,
                 "layers": [dict(vars(row), percent=row.percent) for row in self.rows],
                 "methods": [dict(vars(m), total=m.total, percent=m.percent) for m in self.methods],
@@ -251,7 +263,7 @@ class Estimate:
 
 def estimate_training(config: dict, r: int = 16, targets: tuple[str, ...] | list[str] | None = None,
                       batch: int = 8, seq: int = 256, dtype: str = "float32", gradient_checkpointing: bool = False,
-                      budget_gb: float | None = None, name: str = "model") -> Estimate:
+                      budget_gb: float | None = None, name: str = "model", lean: bool = False) -> Estimate:
     """Parameters and training memory of full fine-tuning, LoRA and QLoRA for a Llama-like ``config``.
 
     Args:
@@ -261,6 +273,7 @@ def estimate_training(config: dict, r: int = 16, targets: tuple[str, ...] | list
         batch, seq: micro-batch size and tokens per example, for the activation estimate.
         dtype: ``float32``, ``bfloat16`` or ``float16``: the full-precision weights and the activations.
         gradient_checkpointing: estimate activations with checkpointing on.
+        lean: activations of lorakit's training loop (see Note: activation estimate); default: any trainer's.
         budget_gb: memory budget in GiB (2**30 bytes); ``Estimate.fits()`` lists the methods within it.
         name: shown in the table header.
 
@@ -295,7 +308,8 @@ def estimate_training(config: dict, r: int = 16, targets: tuple[str, ...] | list
     s = _DTYPE_BYTES[dtype]
 
     def act(n_adapted: int) -> int:
-        return activation_bytes(shape, batch, seq, s, r, n_adapted, gradient_checkpointing)
+        return activation_bytes(shape, batch, seq, s, r, n_adapted, gradient_checkpointing, lean and
+                                not gradient_checkpointing)
 
     nf4 = round(linear * NF4_BITS / 8)
     methods = [
@@ -306,7 +320,7 @@ def estimate_training(config: dict, r: int = 16, targets: tuple[str, ...] | list
     ]
     budget = None if budget_gb is None else int(budget_gb * _GIB)
     return Estimate(name, shape, r, targets, batch, seq, dtype, gradient_checkpointing, base, lora, rows, methods,
-                    budget)
+                    budget, lean=lean)
 
 
 # --- formatting
@@ -344,6 +358,7 @@ def _format(e: Estimate) -> str:
                  f"{100 * e.lora_params / e.base_params:.2f}%"])
     out.append(_table(["weight", "shape (in → out)", "count", "parameters", f"LoRA r={e.r}", "% of weight"], rows))
     ckpt = ", gradient checkpointing" if e.gradient_checkpointing else ""
+    ckpt += ", lorakit's loop (recomputed norms/SwiGLU, chunked head loss)" if e.lean and not ckpt else ""
     out += ["", f"training memory: batch {e.batch} × {e.seq} tokens, {e.dtype} weights and activations{ckpt}"]
     header = ["method", "trainable", "% of all", "weights", "gradients", "AdamW", "activations", "total"]
     if e.budget_bytes is not None:
