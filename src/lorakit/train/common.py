@@ -20,10 +20,11 @@ from ..config import LoraConfig
 from ..data import IGNORE_INDEX
 from ..models import load_model
 from ..optim import build_optimizer
+from ..recompute import recompute_cheap_activations
 from .allocator import keep_freed_memory
 from .head_loss import head_cross_entropy
 
-__all__ = ["start_run", "lora_config", "optimizer_and_schedule", "labelled_losses", "sft_loss", "token_logps", "cosine_schedule", "TrainState", "save_checkpoint", "load_checkpoint",
+__all__ = ["start_run", "lora_config", "save_activation_memory", "optimizer_and_schedule", "labelled_losses", "sft_loss", "token_logps", "cosine_schedule", "TrainState", "save_checkpoint", "load_checkpoint",
            "latest_checkpoint", "MetricsLog", "plot_losses", "seed_everything"]
 
 
@@ -102,6 +103,15 @@ def lora_config(args) -> LoraConfig:
     return LoraConfig(r=args.r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                       target_modules=args.target_modules, init_lora_weights=args.init_lora_weights,
                       use_rslora=args.use_rslora)
+
+
+def save_activation_memory(model: nn.Module, args) -> None:
+    """Gradient checkpointing when ``args`` asks for it, else :func:`~lorakit.recompute_cheap_activations`
+    (when ``args.recompute_activations``; models without gated-MLP blocks are left as they are)."""
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif args.recompute_activations:
+        recompute_cheap_activations(model, strict=False)
 
 
 def optimizer_and_schedule(args, params: list[torch.Tensor]):

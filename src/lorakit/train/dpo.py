@@ -14,14 +14,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..recompute import recompute_cheap_activations
 from ..adapters import disable_adapter, set_adapter, trainable_parameters
 from ..data import PreferenceDataset, collate_preference, load_splits
 from ..inject import add_adapter
 from ..peft_format import load_adapter
 from .args import DPOArgs
-from .common import (MetricsLog, TrainState, latest_checkpoint, load_checkpoint, lora_config,
-                     optimizer_and_schedule, plot_losses, save_checkpoint, start_run, token_logps)
+from .common import (MetricsLog, TrainState, latest_checkpoint, load_checkpoint, lora_config, optimizer_and_schedule,
+                     plot_losses, save_activation_memory, save_checkpoint, start_run, token_logps)
 from .losses import dpo_loss
 from .sft import TrainResult, _save_result, _write_summary, batch_indices, load_trainable, save_trainable
 
@@ -80,10 +79,7 @@ def train_dpo(args: DPOArgs) -> TrainResult:
         set_adapter(model, "default")
     else:
         add_adapter(model, lora_config(args))
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    elif args.recompute_activations:
-        recompute_cheap_activations(model, strict=False)
+    save_activation_memory(model, args)
     train_rows, val_rows = load_splits(args.train_file, args.val_file, val_fraction=args.val_fraction,
                                        seed=args.seed, skip_bad=args.skip_bad_rows, formats=["preference"])
     train_set = PreferenceDataset(train_rows, tokenizer, args.max_length, skip_bad=args.skip_bad_rows)

@@ -11,7 +11,6 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..recompute import recompute_cheap_activations
 from ..adapters import TrainableReport, trainable_parameters
 from ..data import SFTDataset, collate_sft, load_splits
 from ..evaluate import exact_match, validation_loss
@@ -19,8 +18,8 @@ from ..inject import add_adapter
 from ..peft_format import save_adapter
 from ..tasks import get_task, make_split
 from .args import SFTArgs
-from .common import (MetricsLog, TrainState, latest_checkpoint, load_checkpoint, lora_config,
-                     optimizer_and_schedule, plot_losses, save_checkpoint, start_run, sft_loss)
+from .common import (MetricsLog, TrainState, latest_checkpoint, load_checkpoint, lora_config, optimizer_and_schedule,
+                     plot_losses, save_activation_memory, save_checkpoint, sft_loss, start_run)
 
 __all__ = ["train_sft", "TrainResult", "batch_indices", "save_trainable", "load_trainable"]
 
@@ -114,10 +113,7 @@ def train_sft(args: SFTArgs) -> TrainResult:
         model.requires_grad_(True)
     else:
         add_adapter(model, lora_config(args))
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    elif args.recompute_activations:
-        recompute_cheap_activations(model, strict=False)
+    save_activation_memory(model, args)
     report = trainable_parameters(model)
 
     # --- optimizer and schedule
