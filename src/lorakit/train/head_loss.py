@@ -31,8 +31,7 @@ def chunk_rows(vocab: int, budget_bytes: int = _CHUNK_BYTES) -> int:
 
 class _HeadCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, rows):
-        need_grad = ctx.needs_input_grad[0]
+    def forward(ctx, hidden, weight, bias, targets, rows, need_grad):
         n = hidden.shape[0]
         losses = torch.empty(n, dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if need_grad else None
@@ -52,7 +51,7 @@ class _HeadCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_losses):
         (grad_hidden,) = ctx.saved_tensors
-        return grad_hidden * grad_losses[:, None].to(grad_hidden.dtype), None, None, None, None
+        return grad_hidden * grad_losses[:, None].to(grad_hidden.dtype), None, None, None, None, None
 
 
 def head_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -81,4 +80,5 @@ def head_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
     if hidden.dim() != 2 or hidden.shape[1] != weight.shape[1] or targets.shape != hidden.shape[:1]:
         raise ValueError(f"expected hidden (N, {weight.shape[1]}) and targets (N,); "
                          f"got {tuple(hidden.shape)} and {tuple(targets.shape)}")
-    return _HeadCrossEntropy.apply(hidden, weight, bias, targets, rows or chunk_rows(weight.shape[0]))
+    need_grad = hidden.requires_grad and torch.is_grad_enabled()  # (needs_input_grad ignores no_grad)
+    return _HeadCrossEntropy.apply(hidden, weight, bias, targets, rows or chunk_rows(weight.shape[0]), need_grad)
