@@ -72,3 +72,32 @@ def test_quantized_base_takes_the_fused_node_with_the_same_result(monkeypatch, k
     g = torch.randn_like(out)
     for got, want in zip(torch.autograd.grad(out, (x, A, B), g), torch.autograd.grad(ref, (x, A, B), g)):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_down_projection_keeps_the_low_precision_input_with_the_same_gradients(dtype):
+    from lorakit.fused import down_projection
+
+    x = torch.randn(2, 5, 12).to(dtype).requires_grad_()
+    A = torch.randn(3, 12, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.dtype) or t, lambda t: t):
+        out = down_projection(x, A)
+    ref = torch.nn.functional.linear(x.to(torch.float32), A)
+    assert out.dtype == torch.float32 and torch.equal(out, ref)
+    assert torch.float32 in saved and saved.count(dtype) == 1 and len(saved) == 2  # x in its dtype, and A
+    g = torch.randn_like(out)
+    for got, want in zip(torch.autograd.grad(out, (x, A), g), torch.autograd.grad(ref, (x, A), g)):
+        assert got.dtype == want.dtype and torch.equal(got, want)
+
+
+def test_down_projection_under_autocast_follows_autocast():
+    from lorakit.fused import down_projection
+
+    x = torch.randn(4, 12, dtype=torch.bfloat16, requires_grad=True)
+    A = torch.randn(3, 12, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = down_projection(x, A)
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert x.grad.dtype == torch.bfloat16 and A.grad.dtype == torch.float32

@@ -18,8 +18,9 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
-__all__ = ["lora_linear"]
+__all__ = ["lora_linear", "down_projection"]
 
 
 class _LoraLinear(torch.autograd.Function):
@@ -79,3 +80,35 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor
         mask.bernoulli_(1 - dropout).div_(1 - dropout)
     out = _LoraLinear.apply(x2, weight, bias, lora_A, lora_B, scaling, mask, dequantize)
     return out.view(*shape[:-1], out.shape[-1])
+
+
+class _DownProjection(torch.autograd.Function):
+    """``x.to(A.dtype) @ Aᵀ`` keeping ``x`` in its own dtype for backward (the cast is redone there)."""
+
+    @staticmethod
+    def forward(ctx, x, lora_A):
+        ctx.save_for_backward(x, lora_A)
+        return F.linear(x.to(lora_A.dtype), lora_A)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, lora_A = ctx.saved_tensors
+        grad_x = (grad @ lora_A).to(x.dtype) if ctx.needs_input_grad[0] else None
+        grad_A = None
+        if ctx.needs_input_grad[1]:
+            grad_A = grad.reshape(-1, grad.shape[-1]).t() @ x.reshape(-1, x.shape[-1]).to(lora_A.dtype)
+        return grad_x, grad_A
+
+
+def down_projection(x: torch.Tensor, lora_A: torch.Tensor) -> torch.Tensor:
+    """``A x`` in ``lora_A``'s dtype, as ``F.linear(x.to(A.dtype), A)`` gives it.
+
+    Note: float32 adapters on a low-precision base
+        Autograd would keep the float32 copy of ``x`` that the cast makes (twice the bytes of a bfloat16 ``x``, in
+        every adapted layer); this node keeps ``x`` itself and casts again in backward. Same values, same
+        gradients; with ``recompute_cheap_activations`` the kept ``x`` is often a rebuilt norm output, so nothing
+        of its size is kept at all.
+    """
+    if x.dtype == lora_A.dtype or torch.is_autocast_enabled(x.device.type):  # autocast picks its own dtypes
+        return F.linear(x.to(lora_A.dtype), lora_A)
+    return _DownProjection.apply(x, lora_A)

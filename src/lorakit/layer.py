@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import QuantizedBase, base_shape, dense_weight, set_dense_weight
-from .fused import lora_linear
+from .fused import down_projection, lora_linear
 
 __all__ = ["LoraLinear"]
 
@@ -129,7 +129,7 @@ class LoraLinear(nn.Module):
                 continue
             A = self.lora_A[name].weight
             B = self.lora_B[name].weight
-            xa = F.linear(x.to(A.dtype), A)  # (..., r)
+            xa = down_projection(x, A)  # (..., r) in A's dtype; See Note: float32 adapters on a low-precision base
             p = self.lora_dropout[name]
             if p and self.training:
                 xa = F.dropout(xa, p, training=True)  # See Note: cheap dropout
