@@ -47,8 +47,7 @@ def test_frozen_input_skips_input_grad():
 
 @pytest.mark.parametrize("kind", ["nf4", "int8"])
 @pytest.mark.parametrize("bias", [True, False])
-def test_quantized_base_takes_the_fused_node_with_the_same_result(monkeypatch, kind, bias):
-    import lorakit.fused as fused
+def test_quantized_base_takes_the_fused_node_with_the_same_result(kind, bias):
     from lorakit import LoraConfig, add_adapter
     from lorakit.quant import quantize_model_
 
@@ -57,14 +56,11 @@ def test_quantized_base_takes_the_fused_node_with_the_same_result(monkeypatch, k
     quantize_model_(model, kind, compute_dtype=torch.float32, skip_modules=())
     add_adapter(model, LoraConfig(target_modules=["0"], r=4, lora_alpha=8, init_lora_weights=False))
     layer = model[0]
-    calls = []
-    monkeypatch.setattr(fused._LoraLinear, "apply", lambda *a: calls.append(1) or real_apply(*a))
-    real_apply = torch.autograd.Function.apply.__get__(fused._LoraLinear, type(fused._LoraLinear))
     x = torch.randn(3, 5, 64, requires_grad=True)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
         out = layer(x)
-    assert calls  # the quantized base went through the fused node
+    assert type(out.grad_fn.next_functions[0][0]).__name__ == "_LoraLinearBackward"  # the fused node
     assert (48, 64) not in saved  # no dequantized weight is kept for backward
     A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
     ref = layer.base_layer(x) + 2.0 * (x @ A.T) @ B.T  # NF4Linear / Int8Linear alone + the formula

@@ -50,6 +50,9 @@ def test_no_grad_gives_losses_only(monkeypatch):
     matmuls = []
     real_mm = torch.mm
     monkeypatch.setattr(torch, "mm", lambda *a, **k: matmuls.append(1) or real_mm(*a, **k))
+    head_cross_entropy(hidden, weight, targets, rows=4)
+    assert matmuls  # with grad: one gradient GEMM per chunk
+    matmuls.clear()
     with torch.no_grad():
         ours = head_cross_entropy(hidden, weight, targets, rows=4)
     assert not ours.requires_grad and not matmuls  # no gradient GEMM under no_grad

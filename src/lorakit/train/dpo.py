@@ -19,10 +19,9 @@ from ..data import PreferenceDataset, collate_preference, load_splits
 from ..inject import add_adapter
 from ..peft_format import load_adapter
 from .args import DPOArgs
-from .common import (MetricsLog, TrainState, latest_checkpoint, load_checkpoint, lora_config, optimizer_and_schedule,
-                     plot_losses, save_activation_memory, save_checkpoint, start_run, token_logps)
+from .common import lora_config, plot_losses, save_activation_memory, save_checkpoint, start_run, token_logps
 from .losses import dpo_loss
-from .sft import TrainResult, _save_result, _write_summary, batch_indices, load_trainable, save_trainable
+from .sft import TrainResult, _save_result, _write_summary, batch_indices, save_trainable, start_or_resume
 
 __all__ = ["train_dpo", "reference_logps"]
 
@@ -94,13 +93,8 @@ def train_dpo(args: DPOArgs) -> TrainResult:
 
     # --- optimizer and schedule
     report = trainable_parameters(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer, scheduler = optimizer_and_schedule(args, params)
-    state = TrainState()
-    resume_from = latest_checkpoint(out) if args.resume else None
-    if resume_from is not None:
-        state = load_checkpoint(resume_from, lambda p: load_trainable(model, p), optimizer, scheduler)
-    metrics = MetricsLog(out / "metrics.jsonl", fresh=resume_from is None)
+    optimizer, scheduler, state, metrics = start_or_resume(args, model, out)
+    params = [p for group in optimizer.param_groups for p in group["params"]]  # clipped each step
 
     # --- loop
     model.train()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -71,6 +72,20 @@ def load_trainable(model: nn.Module, path: Path) -> None:
             params[name].copy_(tensor)
 
 
+def start_or_resume(args, model: nn.Module,
+                    out: Path) -> tuple[torch.optim.Optimizer, Any, TrainState, MetricsLog]:
+    """Optimizer and schedule over the trainable parameters, a fresh :class:`TrainState` and metrics log, or, with
+    ``args.resume`` and a checkpoint in ``out``, all of them restored from the newest one."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer, scheduler = optimizer_and_schedule(args, params)
+    state = TrainState()
+    resume_from = latest_checkpoint(out) if args.resume else None
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, lambda p: load_trainable(model, p), optimizer, scheduler)
+    metrics = MetricsLog(out / "metrics.jsonl", fresh=resume_from is None)
+    return optimizer, scheduler, state, metrics
+
+
 def _data(args: SFTArgs):
     if args.train_file:
         train, val = load_splits(args.train_file, args.val_file, val_fraction=args.val_fraction, seed=args.seed,
@@ -117,13 +132,8 @@ def train_sft(args: SFTArgs) -> TrainResult:
     report = trainable_parameters(model)
 
     # --- optimizer and schedule
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer, scheduler = optimizer_and_schedule(args, params)
-    state = TrainState()
-    resume_from = latest_checkpoint(out) if args.resume else None
-    if resume_from is not None:
-        state = load_checkpoint(resume_from, lambda p: load_trainable(model, p), optimizer, scheduler)
-    metrics = MetricsLog(out / "metrics.jsonl", fresh=resume_from is None)
+    optimizer, scheduler, state, metrics = start_or_resume(args, model, out)
+    params = [p for group in optimizer.param_groups for p in group["params"]]  # clipped each step
     pad = tokenizer.pad_token_id
 
     # --- loop
