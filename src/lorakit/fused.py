@@ -25,12 +25,17 @@ __all__ = ["lora_linear", "down_projection"]
 
 class _LoraLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, mask, dequantize):
-        # x: (N, in); weight: (out, in), or None and dequantize() gives it; lora_A: (r, in); lora_B: (out, r);
-        # mask: (N, r) scaled keep-mask or None
-        w = weight if dequantize is None else dequantize()
-        out = torch.addmm(bias, x, w.t()) if bias is not None else x @ w.t()
-        del w  # a dequantized weight lives for this matmul only
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, mask, dequantize, matmul):
+        # x: (N, in); weight: (out, in), or None and dequantize() gives it (matmul(x), if given, gives x Wᵀ);
+        # lora_A: (r, in); lora_B: (out, r); mask: (N, r) scaled keep-mask or None
+        if matmul is not None:
+            out = matmul(x)
+            if bias is not None:
+                out.add_(bias)
+        else:
+            w = weight if dequantize is None else dequantize()
+            out = torch.addmm(bias, x, w.t()) if bias is not None else x @ w.t()
+            del w  # a dequantized weight lives for this matmul only
         xa = x @ lora_A.t()  # (N, r)
         if mask is not None:
             xa = xa * mask
@@ -54,12 +59,13 @@ class _LoraLinear(torch.autograd.Function):
             grad_x.addmm_(grad_xa, lora_A)
         grad_bias = grad.sum(0) if ctx.needs_input_grad[2] else None
         grad_weight = grad.t() @ x if ctx.needs_input_grad[1] else None
-        return grad_x, grad_weight, grad_bias, grad_A, grad_B, None, None, None
+        return grad_x, grad_weight, grad_bias, grad_A, grad_B, None, None, None, None
 
 
 def lora_linear(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, lora_A: torch.Tensor,
                 lora_B: torch.Tensor, scaling: float, dropout: float = 0.0, training: bool = False,
-                dequantize: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
+                dequantize: Callable[[], torch.Tensor] | None = None,
+                matmul: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """``x Wᵀ + b + scaling · B (m ⊙ A x)`` with ``m`` a dropout keep-mask on the rank-r bottleneck.
 
     Args:
@@ -68,6 +74,8 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor
         dequantize: for a quantized base (``weight=None``): returns the ``(out, in)`` weight in ``x``'s dtype; it
             is called once in forward and once in backward, and its result is never kept (QLoRA keeps only the
             packed weight, as ``NF4Linear`` alone does).
+        matmul: for a quantized base, optionally ``x -> x Wᵀ`` for the forward product (a fused 4-bit kernel);
+            the backward still uses ``dequantize``.
 
     Returns:
         ``(..., out)`` in ``x``'s dtype (all tensors must share it).
@@ -78,7 +86,7 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor
     if dropout and training:
         mask = torch.empty(x2.shape[0], lora_A.shape[0], dtype=x.dtype, device=x.device)
         mask.bernoulli_(1 - dropout).div_(1 - dropout)
-    out = _LoraLinear.apply(x2, weight, bias, lora_A, lora_B, scaling, mask, dequantize)
+    out = _LoraLinear.apply(x2, weight, bias, lora_A, lora_B, scaling, mask, dequantize, matmul)
     return out.view(*shape[:-1], out.shape[-1])
 
 

@@ -118,9 +118,12 @@ class LoraLinear(nn.Module):
             if type(base) is nn.Linear:
                 return lora_linear(x, base.weight, base.bias, A, B, self.scaling[fast], self.lora_dropout[fast],
                                    self.training)
-            bias = None if base.bias is None else base.bias.to(x.dtype)
-            return lora_linear(x, None, bias, A, B, self.scaling[fast], self.lora_dropout[fast], self.training,
-                               dequantize=base.dequantizer())
+            xc = x.to(base.compute_dtype)  # a no-op but for inference on a base of another dtype (see below)
+            bias = None if base.bias is None else base.bias.to(xc.dtype)
+            matmul = base.multiplier() if callable(getattr(base, "multiplier", None)) else None
+            out = lora_linear(xc, None, bias, A, B, self.scaling[fast], self.lora_dropout[fast], self.training,
+                              dequantize=base.dequantizer(), matmul=matmul)
+            return out.to(x.dtype)
         result = self.base_layer(x)
         if self.disabled:
             return result
@@ -138,19 +141,25 @@ class LoraLinear(nn.Module):
 
     def _fused_adapter(self, x: torch.Tensor) -> str | None:
         """The one unmerged active adapter when the base is a plain ``nn.Linear`` of ``x``'s dtype, or a quantized
-        base computing in ``x``'s dtype, else None."""
+        base computing in ``x``'s dtype, else None.
+
+        Without autograd (inference) a quantized base whose compute dtype is the adapter's also qualifies when
+        ``x`` has another dtype (QLoRA's float32 activations, bfloat16 compute and adapters): ``x`` is cast once
+        for both products instead of once for each. Training keeps the separate path there, which keeps no cast
+        copy of ``x`` for backward."""
         if self.disabled or len(self.active_adapters) != 1:
             return None
         if torch.is_autocast_enabled(x.device.type):  # autocast picks per-op dtypes; the generic path follows them
             return None
         name = self.active_adapters[0]
-        if name in self.merged_adapters or self.lora_A[name].weight.dtype != x.dtype:
+        dtype = self.lora_A[name].weight.dtype
+        if name in self.merged_adapters:
             return None
         base = self.base_layer
         if type(base) is nn.Linear:
-            return name if base.weight.dtype == x.dtype else None
-        if callable(getattr(base, "dequantizer", None)) and getattr(base, "compute_dtype", None) == x.dtype:
-            return name
+            return name if base.weight.dtype == x.dtype == dtype else None
+        if callable(getattr(base, "dequantizer", None)) and getattr(base, "compute_dtype", None) == dtype:
+            return name if x.dtype == dtype or not torch.is_grad_enabled() else None
         return None
 
     # --- merge

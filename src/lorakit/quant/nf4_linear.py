@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorakit.quant import cpu_kernels
 from lorakit.quant.dynamic8 import dynamic_map
 from lorakit.quant.nf4 import BLOCKSIZES, code_4bit, dequantize_4bit, double_dequantize, double_quantize, quantize_4bit
 
@@ -47,10 +48,30 @@ class _Spec:
     dtype: torch.dtype
 
 
+@functools.lru_cache(maxsize=4)
+def _code(quant_type: str) -> torch.Tensor:
+    return code_4bit(quant_type)  # read-only: shared by every call of the native kernels
+
+
 def _dequant(packed: torch.Tensor, absmax: torch.Tensor, nested: torch.Tensor | None, spec: _Spec) -> torch.Tensor:
+    if spec.dtype in (torch.float32, torch.bfloat16) and cpu_kernels.supports(packed, absmax, nested):
+        return cpu_kernels.dequantize(packed, absmax, nested, spec.offset, torch.Size(spec.shape), spec.blocksize,
+                                      _code(spec.quant_type), spec.dtype)  # the same bits, one pass
     if spec.offset is not None:
         absmax = double_dequantize(absmax, nested, spec.offset)
     return dequantize_4bit(packed, absmax, spec.shape, spec.blocksize, spec.quant_type, spec.dtype)
+
+
+def _matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, nested: torch.Tensor | None,
+            spec: _Spec) -> torch.Tensor:
+    """``x @ dequant(W)ᵀ`` for ``x`` ``(..., in)`` in ``spec.dtype``; bfloat16 on a CPU with AVX512-BF16 takes the
+    fused kernel (no dequantized weight is written), anything else dequantizes and multiplies."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if spec.dtype == torch.bfloat16 and cpu_kernels.matmul_fits(x2, spec.shape, spec.blocksize, packed, absmax, nested):
+        y = cpu_kernels.matmul_bf16(x2, packed, absmax, nested, spec.offset, spec.shape, spec.blocksize,
+                                    _code(spec.quant_type), torch.bfloat16)
+        return y.view(*x.shape[:-1], spec.shape[0])
+    return F.linear(x, _dequant(packed, absmax, nested, spec))
 
 
 class _NF4Matmul(torch.autograd.Function):
@@ -60,7 +81,7 @@ class _NF4Matmul(torch.autograd.Function):
     def forward(ctx, x, packed, absmax, nested, spec):  # noqa: D102
         ctx.spec = spec
         ctx.save_for_backward(packed, absmax, nested)
-        return F.linear(x, _dequant(packed, absmax, nested, spec))
+        return _matmul(x, packed, absmax, nested, spec)
 
     @staticmethod
     def backward(ctx, grad):  # noqa: D102
@@ -176,6 +197,12 @@ class NF4Linear(nn.Module):
         return functools.partial(_dequant, self.weight, self.weight_absmax, self.weight_nested_absmax,
                                  self._spec(self.compute_dtype))
 
+    def multiplier(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """A function ``x -> x @ W^T`` (no bias) for ``x`` in ``compute_dtype``, over today's buffers like
+        :meth:`dequantizer`; on a CPU with AVX512-BF16 and bfloat16 compute it never writes the whole weight."""
+        return functools.partial(_matmul, packed=self.weight, absmax=self.weight_absmax,
+                                 nested=self.weight_nested_absmax, spec=self._spec(self.compute_dtype))
+
     @torch.no_grad()
     def set_weight_(self, w: torch.Tensor) -> None:
         """Re-quantize ``w`` ``(out_features, in_features)`` into this layer (new scales, same settings).
@@ -206,7 +233,11 @@ class NF4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(..., in_features)`` -> ``(..., out_features)`` in ``x.dtype``."""
         spec = self._spec(self.compute_dtype)
-        y = _NF4Matmul.apply(x.to(self.compute_dtype), self.weight, self.weight_absmax, self.weight_nested_absmax, spec)
+        xc = x.to(self.compute_dtype)
+        if xc.requires_grad and torch.is_grad_enabled():
+            y = _NF4Matmul.apply(xc, self.weight, self.weight_absmax, self.weight_nested_absmax, spec)
+        else:  # nothing to differentiate: no autograd node
+            y = _matmul(xc, self.weight, self.weight_absmax, self.weight_nested_absmax, spec)
         if self.bias is not None:
             y = y + self.bias.to(self.compute_dtype)
         return y.to(x.dtype)
