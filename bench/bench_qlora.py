@@ -8,9 +8,10 @@ Comparisons (one JSON line each; ratio = lorakit / peer):
   with ``recompute_cheap_activations``), PEFT's is ``model(input_ids, labels=...).loss`` (as Trainer computes it).
   The same loss value either way; ``ours_hf_loss`` is lorakit's model stepped the transformers way, for reference.
 - qlora_vs_lora_fp32: the QLoRA step vs lorakit's own float32 LoRA step (both lorakit's training step).
-- qlora_inference: one forward of batch 1 × 64 tokens with the adapter unmerged, vs bitsandbytes' eval-mode path
-  (weights repacked for an AVX512-BF16 kernel: bfloat16 precision, whose logit error is reported), lorakit with
-  compute_dtype bfloat16 vs the same, and both in float32 (bitsandbytes in train mode under no_grad).
+- qlora_inference: one forward of batch 1 × 64 tokens with the adapter unmerged: lorakit with compute_dtype
+  bfloat16 (its fused 4-bit CPU kernel) vs bitsandbytes' eval-mode path (weights repacked for its AVX512-BF16
+  kernel), each side's logit error against float32 reported; and both in float32 (bitsandbytes in train mode
+  under no_grad).
 - model_bytes_per_param: memory of the quantized linear weights (packed + stats) per parameter.
 
 Usage: python bench/bench_qlora.py [--repeats 5] [--threads 2] [--batch 4] [--seq 256]
@@ -25,7 +26,7 @@ import json
 import torch
 
 import lorakit
-from lorakit.quant import NF4Linear, dequantize_4bit, double_dequantize, double_quantize, quantize_4bit
+from lorakit.quant import NF4Linear, cpu_kernels, dequantize_4bit, double_dequantize, double_quantize, quantize_4bit
 from lorakit.train.common import sft_loss
 
 from common import alternate, child_memory, peak_rss, reset_peak_rss
@@ -90,13 +91,14 @@ def main() -> None:
     emit(name="qlora_vs_lora_fp32_step", lorakit_s=t["ours"], peer_s=t["fp32"], ratio=t["ours"] / t["fp32"])
 
     # --- inference, adapter unmerged. bitsandbytes' eval-mode CPU path repacks the weights (for good) for an
-    # AVX512-BF16 kernel and computes in bfloat16 whatever compute_dtype says; a model never put in eval mode
-    # dequantizes and multiplies in float32 under no_grad, as lorakit does with compute_dtype=float32.
+    # AVX512-BF16 kernel and computes in bfloat16 whatever compute_dtype says; lorakit's bfloat16 compute (the
+    # QLoRA default) takes its own fused 4-bit kernel. A bitsandbytes model never put in eval mode dequantizes and
+    # multiplies in float32 under no_grad, as lorakit does with compute_dtype=float32.
     prompt = batch[:1, :64]
     ours.eval(), theirs.eval()
     exact = build_peer().train()  # LoRA dropout is 0: train mode changes nothing else
     ours_bf16 = build_ours(compute_dtype=torch.bfloat16).eval()
-    err = _base_rel_err(theirs, exact, prompt)
+    err_peer, err_ours = _base_rel_err(theirs, exact, prompt), _base_rel_err(ours_bf16, exact, prompt)
 
     def infer(model):
         def run():
@@ -106,17 +108,20 @@ def main() -> None:
 
     t = alternate({"ours": infer(ours), "ours_bf16": infer(ours_bf16), "peer": infer(theirs),
                    "peer_fp32": infer(exact)}, args.repeats * 2)
-    emit(name="qlora_inference_1x64", lorakit_s=t["ours"], peer_s=t["peer"], ratio=t["ours"] / t["peer"],
-         note="lorakit float32 compute vs bitsandbytes eval path", peer_eval_path_logit_rel_err=err)
-    emit(name="qlora_inference_1x64_bf16_compute", lorakit_s=t["ours_bf16"], peer_s=t["peer"],
-         ratio=t["ours_bf16"] / t["peer"])
+    emit(name="qlora_inference_1x64", lorakit_s=t["ours_bf16"], peer_s=t["peer"], ratio=t["ours_bf16"] / t["peer"],
+         note="bfloat16 compute both: lorakit's fused 4-bit kernel vs bitsandbytes' eval path",
+         lorakit_logit_rel_err=err_ours, peer_logit_rel_err=err_peer, native_kernels=cpu_kernels.available())
     emit(name="qlora_inference_1x64_float32_both", lorakit_s=t["ours"], peer_s=t["peer_fp32"],
          ratio=t["ours"] / t["peer_fp32"])
 
 
 def _base_rel_err(fast, exact, prompt) -> float:
-    """max |logits(fast) - logits(exact)| / max |logits(exact)| of the same quantized base, adapters disabled."""
-    with torch.no_grad(), fast.disable_adapter(), exact.disable_adapter():
+    """max |logits(fast) - logits(exact)| / max |logits(exact)|, adapters disabled: the error of a bfloat16 path
+    against bitsandbytes' float32 one on the same NF4 weights (lorakit's quantization is bit-identical)."""
+    def off(model):  # PEFT's method, or lorakit's function (lorakit adds no wrapper class)
+        return model.disable_adapter() if hasattr(model, "disable_adapter") else lorakit.disable_adapter(model)
+
+    with torch.no_grad(), off(fast), off(exact):
         ref = exact(input_ids=prompt).logits
         return ((fast(input_ids=prompt).logits - ref).abs().max() / ref.abs().max()).item()
 

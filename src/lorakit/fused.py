@@ -117,6 +117,6 @@ def down_projection(x: torch.Tensor, lora_A: torch.Tensor) -> torch.Tensor:
         gradients; with ``recompute_cheap_activations`` the kept ``x`` is often a rebuilt norm output, so nothing
         of its size is kept at all.
     """
-    if x.dtype == lora_A.dtype or torch.is_autocast_enabled(x.device.type):  # autocast picks its own dtypes
-        return F.linear(x.to(lora_A.dtype), lora_A)
+    if x.dtype == lora_A.dtype or not torch.is_grad_enabled() or torch.is_autocast_enabled(x.device.type):
+        return F.linear(x.to(lora_A.dtype), lora_A)  # (autocast picks its own dtypes)
     return _DownProjection.apply(x, lora_A)

@@ -118,12 +118,10 @@ class LoraLinear(nn.Module):
             if type(base) is nn.Linear:
                 return lora_linear(x, base.weight, base.bias, A, B, self.scaling[fast], self.lora_dropout[fast],
                                    self.training)
-            xc = x.to(base.compute_dtype)  # a no-op but for inference on a base of another dtype (see below)
-            bias = None if base.bias is None else base.bias.to(xc.dtype)
+            bias = None if base.bias is None else base.bias.to(x.dtype)
             matmul = base.multiplier() if callable(getattr(base, "multiplier", None)) else None
-            out = lora_linear(xc, None, bias, A, B, self.scaling[fast], self.lora_dropout[fast], self.training,
-                              dequantize=base.dequantizer(), matmul=matmul)
-            return out.to(x.dtype)
+            return lora_linear(x, None, bias, A, B, self.scaling[fast], self.lora_dropout[fast], self.training,
+                               dequantize=base.dequantizer(), matmul=matmul)
         result = self.base_layer(x)
         if self.disabled:
             return result
@@ -141,25 +139,19 @@ class LoraLinear(nn.Module):
 
     def _fused_adapter(self, x: torch.Tensor) -> str | None:
         """The one unmerged active adapter when the base is a plain ``nn.Linear`` of ``x``'s dtype, or a quantized
-        base computing in ``x``'s dtype, else None.
-
-        Without autograd (inference) a quantized base whose compute dtype is the adapter's also qualifies when
-        ``x`` has another dtype (QLoRA's float32 activations, bfloat16 compute and adapters): ``x`` is cast once
-        for both products instead of once for each. Training keeps the separate path there, which keeps no cast
-        copy of ``x`` for backward."""
+        base computing in ``x``'s dtype, else None."""
         if self.disabled or len(self.active_adapters) != 1:
             return None
         if torch.is_autocast_enabled(x.device.type):  # autocast picks per-op dtypes; the generic path follows them
             return None
         name = self.active_adapters[0]
-        dtype = self.lora_A[name].weight.dtype
-        if name in self.merged_adapters:
+        if name in self.merged_adapters or self.lora_A[name].weight.dtype != x.dtype:
             return None
         base = self.base_layer
         if type(base) is nn.Linear:
-            return name if base.weight.dtype == x.dtype == dtype else None
-        if callable(getattr(base, "dequantizer", None)) and getattr(base, "compute_dtype", None) == dtype:
-            return name if x.dtype == dtype or not torch.is_grad_enabled() else None
+            return name if base.weight.dtype == x.dtype else None
+        if callable(getattr(base, "dequantizer", None)) and getattr(base, "compute_dtype", None) == x.dtype:
+            return name
         return None
 
     # --- merge
@@ -226,6 +218,8 @@ class LoraLinear(nn.Module):
 def _add_low_rank(result: torch.Tensor, xa: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
     """``result + scaling · xa @ Bᵀ`` in one fused ``addmm`` when dtypes agree (no separate scale or add pass)."""
     if result.dtype != B.dtype:
+        if not torch.is_grad_enabled():  # inference: add into the base output, no temporaries of its size
+            return result.add_(F.linear(xa, B), alpha=scaling)
         return result + (F.linear(xa, B) * scaling).to(result.dtype)
     shape = result.shape
     out = torch.addmm(result.reshape(-1, shape[-1]), xa.reshape(-1, xa.shape[-1]), B.t(), alpha=scaling)

@@ -63,33 +63,37 @@ def _dequant(packed: torch.Tensor, absmax: torch.Tensor, nested: torch.Tensor | 
 
 
 def _matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, nested: torch.Tensor | None,
-            spec: _Spec) -> torch.Tensor:
-    """``x @ dequant(W)ᵀ`` for ``x`` ``(..., in)`` in ``spec.dtype``; bfloat16 on a CPU with AVX512-BF16 takes the
-    fused kernel (no dequantized weight is written), anything else dequantizes and multiplies."""
+            spec: _Spec, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``x @ dequant(W)ᵀ`` for ``x`` ``(..., in)`` in ``spec.dtype``, returned in ``out_dtype`` (default
+    ``spec.dtype``). bfloat16 on a CPU with AVX512-BF16 takes the fused kernel: no dequantized weight is written,
+    and a float32 ``out_dtype`` gets the float32 sums without a bfloat16 rounding between. Anything else
+    dequantizes, multiplies and casts."""
+    out_dtype = out_dtype or spec.dtype
     x2 = x.reshape(-1, x.shape[-1])
-    if spec.dtype == torch.bfloat16 and cpu_kernels.matmul_fits(x2, spec.shape, spec.blocksize, packed, absmax, nested):
+    if (spec.dtype == torch.bfloat16 and out_dtype in (torch.float32, torch.bfloat16)
+            and cpu_kernels.matmul_fits(x2, spec.shape, spec.blocksize, packed, absmax, nested)):
         y = cpu_kernels.matmul_bf16(x2, packed, absmax, nested, spec.offset, spec.shape, spec.blocksize,
-                                    _code(spec.quant_type), torch.bfloat16)
+                                    _code(spec.quant_type), out_dtype)
         return y.view(*x.shape[:-1], spec.shape[0])
-    return F.linear(x, _dequant(packed, absmax, nested, spec))
+    return F.linear(x, _dequant(packed, absmax, nested, spec)).to(out_dtype)
 
 
 class _NF4Matmul(torch.autograd.Function):
     """``x @ dequant(W)^T`` that saves only the 4-bit weight and its scales for backward; no weight gradient."""
 
     @staticmethod
-    def forward(ctx, x, packed, absmax, nested, spec):  # noqa: D102
+    def forward(ctx, x, packed, absmax, nested, spec, out_dtype):  # noqa: D102
         ctx.spec = spec
         ctx.save_for_backward(packed, absmax, nested)
-        return _matmul(x, packed, absmax, nested, spec)
+        return _matmul(x, packed, absmax, nested, spec, out_dtype)
 
     @staticmethod
     def backward(ctx, grad):  # noqa: D102
         grad_x = None
         if ctx.needs_input_grad[0]:
             packed, absmax, nested = ctx.saved_tensors
-            grad_x = grad @ _dequant(packed, absmax, nested, ctx.spec)  # (..., out) @ (out, in)
-        return grad_x, None, None, None, None
+            grad_x = grad.to(ctx.spec.dtype) @ _dequant(packed, absmax, nested, ctx.spec)  # (..., out) @ (out, in)
+        return grad_x, None, None, None, None, None
 
 
 class NF4Linear(nn.Module):
@@ -234,12 +238,13 @@ class NF4Linear(nn.Module):
         """``(..., in_features)`` -> ``(..., out_features)`` in ``x.dtype``."""
         spec = self._spec(self.compute_dtype)
         xc = x.to(self.compute_dtype)
+        out_dtype = torch.float32 if x.dtype == torch.float32 else self.compute_dtype  # See _matmul: no extra rounding
         if xc.requires_grad and torch.is_grad_enabled():
-            y = _NF4Matmul.apply(xc, self.weight, self.weight_absmax, self.weight_nested_absmax, spec)
+            y = _NF4Matmul.apply(xc, self.weight, self.weight_absmax, self.weight_nested_absmax, spec, out_dtype)
         else:  # nothing to differentiate: no autograd node
-            y = _matmul(xc, self.weight, self.weight_absmax, self.weight_nested_absmax, spec)
+            y = _matmul(xc, self.weight, self.weight_absmax, self.weight_nested_absmax, spec, out_dtype)
         if self.bias is not None:
-            y = y + self.bias.to(self.compute_dtype)
+            y = y + self.bias.to(y.dtype)
         return y.to(x.dtype)
 
     def _apply(self, fn, recurse=True):
