@@ -20,6 +20,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from lorakit.grad_memory import grad_buffer
+
 __all__ = ["lora_linear", "down_projection"]
 
 
@@ -42,6 +44,7 @@ class _LoraLinear(torch.autograd.Function):
         out.addmm_(xa, lora_B.t(), alpha=scaling)
         ctx.save_for_backward(x, weight, lora_A, lora_B, xa, mask)
         ctx.scaling, ctx.dequantize = scaling, dequantize
+        ctx.params = (lora_A, lora_B)  # the Parameters themselves, for grad_buffer
         return out
 
     @staticmethod
@@ -49,10 +52,11 @@ class _LoraLinear(torch.autograd.Function):
         x, weight, lora_A, lora_B, xa, mask = ctx.saved_tensors
         s = ctx.scaling
         grad_xa = (grad @ lora_B).mul_(s)  # (N, r)
-        grad_B = (grad.t() @ xa).mul_(s) if ctx.needs_input_grad[4] else None  # (out, r)
+        param_A, param_B = ctx.params
+        grad_B = torch.mm(grad.t(), xa, out=grad_buffer(param_B)).mul_(s) if ctx.needs_input_grad[4] else None
         if mask is not None:
             grad_xa = grad_xa * mask
-        grad_A = grad_xa.t() @ x if ctx.needs_input_grad[3] else None  # (r, in)
+        grad_A = torch.mm(grad_xa.t(), x, out=grad_buffer(param_A)) if ctx.needs_input_grad[3] else None
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = grad @ (weight if ctx.dequantize is None else ctx.dequantize())  # (N, in)

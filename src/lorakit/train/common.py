@@ -21,7 +21,7 @@ from ..data import IGNORE_INDEX
 from ..models import load_model
 from ..optim import build_optimizer
 from ..recompute import recompute_cheap_activations
-from .allocator import keep_freed_memory
+from ..allocator import keep_freed_memory
 from .head_loss import head_cross_entropy
 
 __all__ = ["start_run", "lora_config", "save_activation_memory", "optimizer_and_schedule", "labelled_losses", "sft_loss", "token_logps", "cosine_schedule", "TrainState", "save_checkpoint", "load_checkpoint",

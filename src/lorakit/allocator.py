@@ -20,11 +20,12 @@ import ctypes
 import os
 import sys
 
-__all__ = ["keep_freed_memory"]
+__all__ = ["freed_memory_kept", "keep_freed_memory"]
 
 _M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter numbers (malloc.h)
 _M_MMAP_THRESHOLD = -3
 _OUT_OF_REACH = 2**31 - 1  # mallopt takes a C int
+_KEPT = False
 
 
 def keep_freed_memory() -> bool:
@@ -37,4 +38,11 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    return mallopt(_M_MMAP_THRESHOLD, _OUT_OF_REACH) == 1 and mallopt(_M_TRIM_THRESHOLD, _OUT_OF_REACH) == 1
+    global _KEPT
+    _KEPT = mallopt(_M_MMAP_THRESHOLD, _OUT_OF_REACH) == 1 and mallopt(_M_TRIM_THRESHOLD, _OUT_OF_REACH) == 1
+    return _KEPT
+
+
+def freed_memory_kept() -> bool:
+    """Whether :func:`keep_freed_memory` has set malloc's thresholds in this process."""
+    return _KEPT

@@ -9,7 +9,7 @@ import pytest
 
 SCRIPT = textwrap.dedent("""
     import resource, sys, torch
-    from lorakit.train.allocator import keep_freed_memory
+    from lorakit.allocator import keep_freed_memory
     ok = keep_freed_memory() if sys.argv[1] == "keep" else None
     def faults_of_a_step():  # like a step's activations: 32 tensors of 6 MiB written, then all freed
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
