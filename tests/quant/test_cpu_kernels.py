@@ -41,7 +41,7 @@ def test_dequantize_is_bit_identical(shape, blocksize, quant_type, dtype, double
 
 
 @needs_kernels
-@pytest.mark.parametrize("m", [1, 5, 12, 13, 64])
+@pytest.mark.parametrize("m", [1, 5, 8, 9, 12, 13, 64])  # 1-8: the row-at-a-time path; more: tiles
 @pytest.mark.parametrize("n,k,blocksize", [(40, 96, 32), (7, 128, 64), (64, 576, 64), (33, 256, 256)])
 @pytest.mark.parametrize("double_quant", [False, True])
 def test_matmul_equals_dequantize_then_multiply(m, n, k, blocksize, double_quant):

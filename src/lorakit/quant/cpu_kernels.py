@@ -7,7 +7,9 @@ a dtype cast); bitsandbytes' CPU inference path is a fused C++ kernel. These ker
   quantization undone on the fly.
 * :func:`matmul_bf16` — ``x @ dequant(W)ᵀ`` with ``x`` in bfloat16 and float32 accumulation: the weight is
   dequantized 32 rows at a time into a cache-sized buffer and multiplied with AVX512-BF16 dot products, so no
-  full-size weight is ever written.
+  full-size weight is ever written; for up to 8 rows of ``x`` (decoding) each weight row is dequantized in
+  registers and dotted directly. Weights are rounded to bfloat16 as torch rounds them, except that values below
+  2^-126 (never a real weight: the product of a 4-bit code and a block's absmax) become 0.
 
 Built on first use with the system's ``g++`` (under a second) into ``$LORAKIT_CACHE/kernels`` and loaded with
 ctypes; threads come from torch's own pool. Used only on x86-64 Linux CPUs with AVX512-BF16; anywhere else, or

@@ -53,6 +53,10 @@ inline __m512i bf16_round(__m512 v) {
   return _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb), 16);
 }
 
+inline __m512 bf16_widen(__m256bh v) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)v), 16));
+}
+
 // 16 packed bytes (low 8 bits of each 32-bit lane of `bytes`), scaled per lane: the (high, low) nibble values.
 inline void decode_pairs(__m512i bytes, __m512 code, __m512 scale, __m512* hi, __m512* lo) {
   __m512i h = _mm512_srli_epi32(bytes, 4);
@@ -185,6 +189,51 @@ void micro(const uint16_t* x, int64_t ldx, const uint32_t* buf, int64_t P, float
   }
 }
 
+// Few rows of x (decoding): each weight row is read once and dequantized in registers to bfloat16 (the values of
+// the tiled path), then dotted with every row of x by vdpbf16ps; no buffer, no transpose. xp holds x's rows with
+// each group of 32 columns reordered as its 16 even columns then its 16 odd ones, the order in which
+// _mm512_cvtne2ps_pbh(lo, hi) lays out a group's weights (high nibbles = even columns first).
+template <int M>
+void gemv_rows(int64_t n0, int64_t n1, int64_t K, const uint16_t* xp, const uint8_t* packed, int64_t bs,
+               const float* code16, const Scales& sc, float* y, uint16_t* y16, int64_t ldy) {
+  const __m512 code = _mm512_loadu_ps(code16);
+  const int64_t P = K / 2, steps_per_block = bs / 32;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = packed + n * P;
+    if (n + 1 < n1) _mm_prefetch(reinterpret_cast<const char*>(row + P), _MM_HINT_T0);
+    __m512 acc[M];
+    for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
+    int64_t block = n * (K / bs), step = 0;
+    __m512 scale = _mm512_set1_ps(sc.at(block));
+    for (int64_t p = 0; p < P; p += 16) {  // 32 weights of one block a step
+      if (step == steps_per_block) {
+        step = 0;
+        scale = _mm512_set1_ps(sc.at(++block));
+      }
+      ++step;
+      __m512 hi, lo;
+      decode_pairs(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + p))), code, scale,
+                   &hi, &lo);
+      const __m512bh w = _mm512_cvtne2ps_pbh(lo, hi);
+      for (int m = 0; m < M; ++m)
+        acc[m] = _mm512_dpbf16_ps(acc[m], (__m512bh)_mm512_loadu_si512(xp + m * K + 2 * p), w);
+    }
+    for (int m = 0; m < M; ++m) {
+      const float v = _mm512_reduce_add_ps(acc[m]);
+      if (y16 != nullptr)
+        y16[m * ldy + n] = bf16_bits(v);
+      else
+        y[m * ldy + n] = v;
+    }
+  }
+}
+
+using GemvFn = void (*)(int64_t, int64_t, int64_t, const uint16_t*, const uint8_t*, int64_t, const float*,
+                        const Scales&, float*, uint16_t*, int64_t);
+constexpr int kGemvMaxRows = 8;  // beyond, the tiled path (weights decoded once for 32 rows) wins
+constexpr GemvFn kGemv[kGemvMaxRows] = {&gemv_rows<1>, &gemv_rows<2>, &gemv_rows<3>, &gemv_rows<4>,
+                                        &gemv_rows<5>, &gemv_rows<6>, &gemv_rows<7>, &gemv_rows<8>};
+
 template <int... Rs>
 struct MicroTable {
   static constexpr void (*fns[sizeof...(Rs)])(const uint16_t*, int64_t, const uint32_t*, int64_t, float*, uint16_t*,
@@ -196,7 +245,7 @@ using Micros = MicroTable<1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12>;
 
 extern "C" {
 
-int lk_abi_version() { return 2; }
+int lk_abi_version() { return 3; }
 
 // n elements; the last block may be partial and n may be odd (both done in scalar code).
 void lk_dequant_4bit(const uint8_t* packed, int64_t n, int64_t bs, const float* code16, const float* absmax,
@@ -220,9 +269,20 @@ void lk_dequant_4bit(const uint8_t* packed, int64_t n, int64_t bs, const float* 
 void lk_gemm_4bit_bf16(int64_t M, int64_t N, int64_t K, const uint16_t* x, int64_t ldx, const uint8_t* packed,
                        int64_t bs, const float* code16, const float* absmax, const uint8_t* q, const float* code8,
                        const float* nested, float offset, void* y, int64_t ldy, int y_bf16) {
+  const Scales sc{absmax, q, code8, nested, offset};
   float* y32 = y_bf16 ? nullptr : static_cast<float*>(y);
   uint16_t* y16 = y_bf16 ? static_cast<uint16_t*>(y) : nullptr;
-  const Scales sc{absmax, q, code8, nested, offset};
+  if (M <= kGemvMaxRows) {
+    auto* xp = static_cast<uint16_t*>(std::aligned_alloc(64, static_cast<size_t>(M * K * 2 + 64)));
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t g = 0; g < K; g += 32)
+        for (int e = 0; e < 32; ++e) xp[m * K + g + e] = x[m * ldx + g + (e < 16 ? 2 * e : 2 * (e - 16) + 1)];
+    at::parallel_for(0, N, 16, [&](int64_t a, int64_t b) {
+      kGemv[M - 1](a, b, K, xp, packed, bs, code16, sc, y32, y16, ldy);
+    });
+    std::free(xp);
+    return;
+  }
   const int64_t tiles = (N + kNR - 1) / kNR, P = K / 2;
   at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
     auto* buf = static_cast<uint32_t*>(std::aligned_alloc(64, static_cast<size_t>(P) * kNR * 4));
