@@ -140,7 +140,8 @@ def _scale_args(absmax: torch.Tensor, nested: torch.Tensor | None, offset: float
 
 def dequantize(packed: torch.Tensor, absmax: torch.Tensor, nested: torch.Tensor | None, offset: float | None,
                shape: torch.Size, blocksize: int, code: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The ``shape`` weight in ``dtype`` (float32 or bfloat16), bit-identical to the PyTorch dequantization.
+    """The ``shape`` weight in ``dtype`` (float32 or bfloat16), bit-identical to the PyTorch dequantization (in
+    bfloat16, values below 2^-126 become 0 instead of a subnormal; see the module docstring).
 
     ``absmax`` is float32 scales (``nested`` None) or the uint8 double-quantized ones with their float32
     ``nested`` scales and ``offset``; ``code`` is the ``(16,)`` float32 code. Callers check :func:`supports`.

@@ -9,7 +9,8 @@
 // double-quantized (scale_i = code8[q_i] * nested[i / 256] + offset, in float32, in that order).
 //
 // lk_dequant_4bit: w = code[idx] * scale (float32), written as float32 or rounded to bfloat16 (nearest even, as
-//   torch's .to(torch.bfloat16)); bit-identical to lorakit.quant.dequantize_4bit.
+//   torch's .to(torch.bfloat16)); bit-identical to lorakit.quant.dequantize_4bit, except that bfloat16 output
+//   flushes values below 2^-126 to 0 (vcvtne2ps2bf16; a 4-bit code times a block absmax is never that small).
 // lk_gemm_4bit_bf16: y (M, N) float32 = x (M, K) bfloat16 @ W^T, W (N, K) dequantized to bfloat16 (the same values
 //   as lk_dequant_4bit) a tile of 32 rows at a time into a buffer laid out in bfloat16 pairs along K, never as a
 //   whole; dot products in float32 (vdpbf16ps). Needs K % bs == 0 (blocks never straddle rows).
