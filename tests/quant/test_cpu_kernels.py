@@ -60,9 +60,10 @@ def test_matmul_equals_dequantize_then_multiply(m, n, k, blocksize, double_quant
 
 
 @needs_kernels
-def test_matmul_rows_with_a_stride():
+@pytest.mark.parametrize("m", [6, 20])  # both paths
+def test_matmul_rows_with_a_stride(m):
     packed, _, q, nested, offset = _quantized((48, 64), 64, "nf4")
-    wide = torch.randn(6, 100).bfloat16()
+    wide = torch.randn(m, 100).bfloat16()
     x = wide[:, 10:74]  # rows 100 apart
     got = cpu_kernels.matmul_bf16(x, packed, q, nested, offset, (48, 64), 64, code_4bit("nf4"))
     expected = cpu_kernels.matmul_bf16(x.contiguous(), packed, q, nested, offset, (48, 64), 64, code_4bit("nf4"))

@@ -54,10 +54,6 @@ inline __m512i bf16_round(__m512 v) {
   return _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb), 16);
 }
 
-inline __m512 bf16_widen(__m256bh v) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)v), 16));
-}
-
 // 16 packed bytes (low 8 bits of each 32-bit lane of `bytes`), scaled per lane: the (high, low) nibble values.
 inline void decode_pairs(__m512i bytes, __m512 code, __m512 scale, __m512* hi, __m512* lo) {
   __m512i h = _mm512_srli_epi32(bytes, 4);
