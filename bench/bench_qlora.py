@@ -11,7 +11,7 @@ Comparisons (one JSON line each; ratio = lorakit / peer):
 - qlora_inference: one forward of batch 1 × 64 tokens with the adapter unmerged: lorakit with compute_dtype
   bfloat16 (its fused 4-bit CPU kernel) vs bitsandbytes' eval-mode path (weights repacked for its AVX512-BF16
   kernel), each side's logit error against float32 reported; and both in float32 (bitsandbytes in train mode
-  under no_grad).
+  under no_grad). Also a forward of a single token (a decoding step's linear layers), bfloat16 compute.
 - model_bytes_per_param: memory of the quantized linear weights (packed + stats) per parameter.
 
 Usage: python bench/bench_qlora.py [--repeats 5] [--threads 2] [--batch 4] [--seq 256]
@@ -113,6 +113,10 @@ def main() -> None:
          lorakit_logit_rel_err=err_ours, peer_logit_rel_err=err_peer, native_kernels=cpu_kernels.available())
     emit(name="qlora_inference_1x64_float32_both", lorakit_s=t["ours"], peer_s=t["peer_fp32"],
          ratio=t["ours"] / t["peer_fp32"])
+    prompt = prompt[:, :1]  # one token: what each decoding step costs in the linear layers
+    t = alternate({"ours_bf16": infer(ours_bf16), "peer": infer(theirs)}, args.repeats * 4)
+    emit(name="qlora_forward_1x1_bf16_compute", lorakit_s=t["ours_bf16"], peer_s=t["peer"],
+         ratio=t["ours_bf16"] / t["peer"])
 
 
 def _base_rel_err(fast, exact, prompt) -> float:
