@@ -44,7 +44,7 @@ class _LoraLinear(torch.autograd.Function):
         out.addmm_(xa, lora_B.t(), alpha=scaling)
         ctx.save_for_backward(x, weight, lora_A, lora_B, xa, mask)
         ctx.scaling, ctx.dequantize = scaling, dequantize
-        ctx.params = (lora_A, lora_B)  # the Parameters themselves, for grad_buffer
+        ctx.params = (lora_A, lora_B)  # the Parameters themselves for grad_buffer (saved-tensor hooks may copy)
         return out
 
     @staticmethod

@@ -113,12 +113,9 @@ def test_lora_linear_on_a_bf16_quantized_base_matches_the_unfused_expression():
 
 @pytest.fixture
 def fresh_kernels(monkeypatch):
-    """The kernel module as if never loaded; the real state is restored afterwards."""
+    """The kernel module as if never loaded; monkeypatch restores the real state afterwards."""
     monkeypatch.setattr(cpu_kernels, "_LIB", None)
     monkeypatch.setattr(cpu_kernels, "_CHECKED", False)
-    cpu_kernels._library.cache_clear()
-    yield
-    cpu_kernels._library.cache_clear()
 
 
 def test_env_switch_turns_the_kernels_off(fresh_kernels, monkeypatch):
@@ -144,3 +141,11 @@ def test_a_failed_build_warns_and_falls_back(fresh_kernels, monkeypatch, tmp_pat
     with pytest.raises(RuntimeError, match="available"):
         cpu_kernels.dequantize(torch.zeros(4, 1, dtype=torch.uint8), torch.ones(1), None, None, torch.Size([8]), 64,
                                code_4bit("nf4"), torch.float32)
+
+
+@needs_kernels
+def test_matmul_refuses_an_output_dtype_it_cannot_write():
+    packed, _, q, nested, offset = _quantized((32, 64), 64, "nf4")
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        cpu_kernels.matmul_bf16(torch.zeros(2, 64).bfloat16(), packed, q, nested, offset, (32, 64), 64,
+                                code_4bit("nf4"), torch.float16)

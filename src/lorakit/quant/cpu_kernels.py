@@ -20,7 +20,6 @@ callers keep the PyTorch path.
 from __future__ import annotations
 
 import ctypes
-import functools
 import hashlib
 import os
 import platform
@@ -69,8 +68,8 @@ def _build(target: Path) -> None:
             os.unlink(tmp)
 
 
-@functools.lru_cache(maxsize=1)
 def _library() -> ctypes.CDLL | None:
+    """Build if needed and load; called once, by :func:`available`."""
     if os.environ.get("LORAKIT_CPU_KERNELS", "1") == "0" or not _cpu_supported():
         return None
     from lorakit.models import cache_dir
@@ -95,7 +94,7 @@ def _library() -> ctypes.CDLL | None:
     return lib
 
 
-_LIB: ctypes.CDLL | None = None  # set by available(): the per-call checks stay cheap
+_LIB: ctypes.CDLL | None = None  # the loaded library, once available() has looked
 _CHECKED = False
 
 
@@ -109,7 +108,7 @@ def available() -> bool:
 
 def supports(*tensors: torch.Tensor | None) -> bool:
     """Whether the kernels can take these tensors: available, and all on the CPU and contiguous."""
-    if not (_LIB is not None or (not _CHECKED and available())):
+    if not available():
         return False
     for t in tensors:
         if t is not None and not (t.is_cpu and t.is_contiguous()):
@@ -118,7 +117,7 @@ def supports(*tensors: torch.Tensor | None) -> bool:
 
 
 def _lib() -> ctypes.CDLL:
-    if _LIB is None and not available():
+    if not available():
         raise RuntimeError("lorakit's native CPU kernels are unavailable here; check cpu_kernels.available() first.")
     return _LIB
 
@@ -165,6 +164,8 @@ def matmul_bf16(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, nes
     ``x`` and the bfloat16-dequantized weight: the values ``x @ dequantize(..., torch.bfloat16).T`` gives, up to
     summation order; a bfloat16 output is that sum rounded to nearest even.
     """
+    if out_dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"the native 4-bit matmul writes float32 or bfloat16, not {out_dtype}.")
     n, k = shape
     m = x.shape[0]
     y = torch.empty(m, n, dtype=out_dtype)

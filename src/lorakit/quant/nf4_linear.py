@@ -70,8 +70,7 @@ def _matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, nested:
     dequantizes, multiplies and casts."""
     out_dtype = out_dtype or spec.dtype
     x2 = x.reshape(-1, x.shape[-1])
-    if (spec.dtype == torch.bfloat16 and out_dtype in (torch.float32, torch.bfloat16)
-            and cpu_kernels.matmul_fits(x2, spec.shape, spec.blocksize, packed, absmax, nested)):
+    if spec.dtype == torch.bfloat16 and cpu_kernels.matmul_fits(x2, spec.shape, spec.blocksize, packed, absmax, nested):
         y = cpu_kernels.matmul_bf16(x2, packed, absmax, nested, spec.offset, spec.shape, spec.blocksize,
                                     _code(spec.quant_type), out_dtype)
         return y.view(*x.shape[:-1], spec.shape[0])

@@ -242,8 +242,6 @@ using Micros = MicroTable<1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12>;
 
 extern "C" {
 
-int lk_abi_version() { return 3; }
-
 // n elements; the last block may be partial and n may be odd (both done in scalar code).
 void lk_dequant_4bit(const uint8_t* packed, int64_t n, int64_t bs, const float* code16, const float* absmax,
                      const uint8_t* q, const float* code8, const float* nested, float offset, void* out, int bf16) {
