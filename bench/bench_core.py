@@ -7,6 +7,11 @@ vs_limit (lorakit / limit), where the limit is the same model with every weight 
 transformers' loss on every side; ``..._training_loss`` repeats dropout 0 with lorakit's training step (``sft_loss``
 + ``recompute_cheap_activations``) against a limit computing that same loss.
 
+lorakit's LoRA layers run their float32 products through oneDNN (``lorakit.cpu_matmul``: about 2x MKL's sgemm on
+AMD cores), so a step can undercut the limit as defined above, which uses torch's stock matmul. Each training row
+therefore also reports ``vs_limit_same_matmul``: the limit with its frozen linears (all but the output head, as
+for lorakit) computing through the same kernels, so that ratio is the cost of LoRA alone.
+
 Usage: python bench/bench_core.py [--repeats 5] [--threads 2] [--batch 4] [--seq 256]
 """
 
@@ -23,7 +28,7 @@ import time
 import torch
 
 import lorakit
-from common import alternate
+from common import alternate, same_matmul_linears
 from lorakit.optim import build_optimizer
 from lorakit.train.common import sft_loss
 
@@ -35,12 +40,15 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def report(name: str, ours: float, peer: float, limit: float | None = None, peer_vs_limit: bool = True) -> None:
+def report(name: str, ours: float, peer: float, limit: float | None = None, peer_vs_limit: bool = True,
+           limit_same: float | None = None) -> None:
     row = {"name": name, "lorakit_s": round(ours, 4), "peer_s": round(peer, 4), "ratio": round(ours / peer, 3)}
     if limit is not None:
         row.update(limit_s=round(limit, 4), vs_limit=round(ours / limit, 3))
         if peer_vs_limit:
             row.update(peer_vs_limit=round(peer / limit, 3))
+    if limit_same is not None:
+        row.update(limit_same_matmul_s=round(limit_same, 4), vs_limit_same_matmul=round(ours / limit_same, 3))
     print(json.dumps(row), flush=True)
 
 
@@ -86,6 +94,8 @@ def main() -> None:
     limit_model = copy.deepcopy(base)
     limit_model.enable_input_require_grads()
     limit_step = train_step(limit_model, batch, None)
+    same_model = same_matmul_linears(copy.deepcopy(limit_model))
+    same_step = train_step(same_model, batch, None)
 
     for dropout in (0.0, 0.05):
         name = f"train_step_r16_all_linear_dropout{dropout}"
@@ -96,16 +106,19 @@ def main() -> None:
         theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(task_type="CAUSAL_LM", **kw))
         o1 = build_optimizer("adamw", [p for p in ours.parameters() if p.requires_grad], lr=1e-4)
         o2 = build_optimizer("adamw", [p for p in theirs.parameters() if p.requires_grad], lr=1e-4)
-        t = alternate({"limit": limit_step, "ours": train_step(ours, batch, o1), "peer": train_step(theirs, batch, o2)},
+        t = alternate({"limit": limit_step, "ours": train_step(ours, batch, o1), "peer": train_step(theirs, batch, o2),
+                       "limit_same": same_step},
                       args.repeats, warmup=3)  # steady state: the first steps of fresh copies fault their memory in
-        report(name, t["ours"], t["peer"], t["limit"])
+        report(name, t["ours"], t["peer"], t["limit"], limit_same=t["limit_same"])
         if dropout == 0.0 and want(name + "_training_loss"):
             # lorakit's own training step (sft_loss: chunked head cross-entropy; recompute_cheap_activations) vs the
             # limit computing the same loss; the peer keeps transformers' loss, as PEFT users run it
             lorakit.recompute_cheap_activations(ours)
             t = alternate({"limit": lorakit_step(limit_model, batch, None), "ours": lorakit_step(ours, batch, o1),
-                           "peer": train_step(theirs, batch, o2)}, args.repeats, warmup=3)
-            report(name + "_training_loss", t["ours"], t["peer"], t["limit"], peer_vs_limit=False)
+                           "peer": train_step(theirs, batch, o2), "limit_same": lorakit_step(same_model, batch, None)},
+                          args.repeats, warmup=3)
+            report(name + "_training_loss", t["ours"], t["peer"], t["limit"], peer_vs_limit=False,
+                   limit_same=t["limit_same"])
         del ours, theirs, o1, o2
 
     kw = dict(r=16, lora_alpha=32, target_modules="all-linear")

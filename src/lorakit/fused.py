@@ -8,7 +8,9 @@ Note: fused dense LoRA
     base's in place (``gx.addmm_(g_xa, A)``). Only ``x`` (already kept by any linear layer) and the (tokens × r)
     bottleneck are saved. Each weight gradient is one thin matmul: ``dB = s·gᵀ xa``, ``dA = g_xaᵀ x``.
 
-    Gradients equal the unfused expression's (tested against it); this is just fewer passes over memory.
+    Gradients equal the unfused expression's (tested against it); this is just fewer passes over memory. On x86
+    CPUs the float32 products run through oneDNN (See Note: why not torch.mm for float32 on CPU, in
+    ``lorakit.cpu_matmul``); the two rank-r updates of the outputs stay ``addmm_`` in place.
     Quantized bases (QLoRA) take the same node: the weight is dequantized for the forward matmul and again for
     the backward one, and never kept.
 """
@@ -20,6 +22,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from lorakit.cpu_matmul import linear, matmul
 from lorakit.grad_memory import grad_buffer
 
 __all__ = ["lora_linear", "down_projection"]
@@ -36,9 +39,9 @@ class _LoraLinear(torch.autograd.Function):
                 out.add_(bias)
         else:
             w = weight if dequantize is None else dequantize()
-            out = torch.addmm(bias, x, w.t()) if bias is not None else x @ w.t()
+            out = linear(x, w, bias)
             del w  # a dequantized weight lives for this matmul only
-        xa = x @ lora_A.t()  # (N, r)
+        xa = linear(x, lora_A)  # (N, r)
         if mask is not None:
             xa = xa * mask
         out.addmm_(xa, lora_B.t(), alpha=scaling)
@@ -51,15 +54,24 @@ class _LoraLinear(torch.autograd.Function):
     def backward(ctx, grad):
         x, weight, lora_A, lora_B, xa, mask = ctx.saved_tensors
         s = ctx.scaling
-        grad_xa = (grad @ lora_B).mul_(s)  # (N, r)
+        grad_xa = matmul(grad, lora_B).mul_(s)  # (N, r)
         param_A, param_B = ctx.params
-        grad_B = torch.mm(grad.t(), xa, out=grad_buffer(param_B)).mul_(s) if ctx.needs_input_grad[4] else None
+        grad_B = None
+        if ctx.needs_input_grad[4]:  # s·gᵀ xa, as (xaᵀ g)ᵀ: the product oneDNN runs fast (See Note: why not torch.mm)
+            grad_B = grad_buffer(param_B)
+            if grad_B is None:
+                grad_B = torch.empty_like(lora_B, memory_format=torch.contiguous_format)
+            torch.mul(matmul(xa.t(), grad).t(), s, out=grad_B)
         if mask is not None:
             grad_xa = grad_xa * mask
-        grad_A = torch.mm(grad_xa.t(), x, out=grad_buffer(param_A)) if ctx.needs_input_grad[3] else None
+        grad_A = None
+        if ctx.needs_input_grad[3]:
+            grad_A = matmul(grad_xa.t(), x)  # (r, in)
+            buffer = grad_buffer(param_A)
+            grad_A = grad_A if buffer is None else buffer.copy_(grad_A)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad @ (weight if ctx.dequantize is None else ctx.dequantize())  # (N, in)
+            grad_x = matmul(grad, weight if ctx.dequantize is None else ctx.dequantize())  # (N, in)
             grad_x.addmm_(grad_xa, lora_A)
         grad_bias = grad.sum(0) if ctx.needs_input_grad[2] else None
         grad_weight = grad.t() @ x if ctx.needs_input_grad[1] else None

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from lorakit.cpu_matmul import linear, matmul
+
 __all__ = ["head_cross_entropy", "chunk_rows"]
 
 _CHUNK_BYTES = 32 * 2**20
@@ -38,13 +40,13 @@ class _HeadCrossEntropy(torch.autograd.Function):
         for start in range(0, n, rows):
             end = min(n, start + rows)
             h, t = hidden[start:end], targets[start:end]
-            logits = torch.addmm(bias, h, weight.t()) if bias is not None else h @ weight.t()
+            logits = linear(h, weight, bias)  # See Note: why not torch.mm for float32 on CPU (lorakit.cpu_matmul)
             logp = torch.log_softmax(logits.float(), dim=-1)  # (chunk, vocab), the chunk's only big block
             losses[start:end] = -logp.gather(1, t[:, None]).squeeze(1)
             if need_grad:
                 probs = logp.exp_()  # softmax, in place
                 probs[torch.arange(end - start, device=probs.device), t] -= 1.0  # d loss_i / d logits_i
-                torch.mm(probs.to(weight.dtype), weight, out=grad_hidden[start:end])
+                grad_hidden[start:end] = matmul(probs.to(weight.dtype), weight)
         ctx.save_for_backward(grad_hidden)
         return losses
 
