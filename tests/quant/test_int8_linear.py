@@ -63,11 +63,13 @@ def test_forward_and_input_grad(compute_dtype):
     y = layer(x)
     assert y.dtype == torch.float32 and y.shape == (2, 3, 20)
     w = layer.dequantize()
+    # float32 products go through oneDNN (lorakit.cpu_matmul): same arithmetic, another summation order
+    tol = dict(rtol=1e-5, atol=1e-6) if compute_dtype == torch.float32 else dict(rtol=0, atol=0)
     torch.testing.assert_close(y, (F.linear(x.detach().to(compute_dtype), w) + linear.bias.to(compute_dtype)).float(),
-                               rtol=0, atol=0)
+                               **tol)
     g = torch.randn(2, 3, 20)
     y.backward(g)
-    torch.testing.assert_close(x.grad, (g.to(compute_dtype) @ w).float(), rtol=0, atol=0)
+    torch.testing.assert_close(x.grad, (g.to(compute_dtype) @ w).float(), **tol)
     assert [p for p in layer.parameters() if p.requires_grad] == []
 
 

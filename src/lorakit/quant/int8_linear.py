@@ -8,8 +8,8 @@ https://arxiv.org/abs/2208.07339): per output row ``r``
 
 As in bitsandbytes, ``W`` is rounded to float16 first, so ``SCB`` holds float16 values and the bytes match
 ``Linear8bitLt(has_fp16_weights=False, threshold=0.0)``. Unlike bitsandbytes' int8 matmul, the forward does not
-quantize activations: it dequantizes the weight to ``compute_dtype`` and calls ``F.linear``, so outputs equal
-``x · W_hat^T`` up to floating-point rounding. Backward saves only the int8 weight and ``SCB``.
+quantize activations: it dequantizes the weight to ``compute_dtype`` and multiplies (float32 on x86 through
+``lorakit.cpu_matmul``), so outputs equal ``x · W_hat^T`` up to floating-point rounding. Backward saves only the int8 weight and ``SCB``.
 
 State dict (bitsandbytes order): ``weight`` int8 ``(out, in)``, ``bias``, ``SCB`` float32 ``(out,)`` and
 ``weight_format`` (uint8 scalar 0 = row-major; accepted and checked on load).
@@ -21,8 +21,9 @@ import functools
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from lorakit.cpu_matmul import linear, matmul
 
 __all__ = ["Int8Linear", "quantize_int8_rowwise", "dequantize_int8_rowwise"]
 
@@ -59,14 +60,17 @@ class _Int8Matmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, cb, scb):  # noqa: D102
         ctx.save_for_backward(cb, scb)
-        return F.linear(x, dequantize_int8_rowwise(cb, scb, x.dtype))
+        x2 = x.reshape(-1, x.shape[-1])
+        y = linear(x2, dequantize_int8_rowwise(cb, scb, x.dtype))  # float32: oneDNN (lorakit.cpu_matmul)
+        return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad):  # noqa: D102
         grad_x = None
         if ctx.needs_input_grad[0]:
             cb, scb = ctx.saved_tensors
-            grad_x = grad @ dequantize_int8_rowwise(cb, scb, grad.dtype)  # (..., out) @ (out, in)
+            grad_x = matmul(grad.reshape(-1, grad.shape[-1]), dequantize_int8_rowwise(cb, scb, grad.dtype))
+            grad_x = grad_x.view(*grad.shape[:-1], grad_x.shape[-1])  # (..., out) @ (out, in)
         return grad_x, None, None
 
 

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from lorakit.cpu_matmul import linear, matmul
 from lorakit.quant import cpu_kernels
 from lorakit.quant.dynamic8 import dynamic_map
 from lorakit.quant.nf4 import BLOCKSIZES, code_4bit, dequantize_4bit, double_dequantize, double_quantize, quantize_4bit
@@ -74,7 +74,8 @@ def _matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, nested:
         y = cpu_kernels.matmul_bf16(x2, packed, absmax, nested, spec.offset, spec.shape, spec.blocksize,
                                     _code(spec.quant_type), out_dtype)
         return y.view(*x.shape[:-1], spec.shape[0])
-    return F.linear(x, _dequant(packed, absmax, nested, spec)).to(out_dtype)
+    y = linear(x2, _dequant(packed, absmax, nested, spec))  # float32: oneDNN (lorakit.cpu_matmul)
+    return y.view(*x.shape[:-1], spec.shape[0]).to(out_dtype)
 
 
 class _NF4Matmul(torch.autograd.Function):
@@ -91,7 +92,9 @@ class _NF4Matmul(torch.autograd.Function):
         grad_x = None
         if ctx.needs_input_grad[0]:
             packed, absmax, nested = ctx.saved_tensors
-            grad_x = grad.to(ctx.spec.dtype) @ _dequant(packed, absmax, nested, ctx.spec)  # (..., out) @ (out, in)
+            g = grad.to(ctx.spec.dtype)
+            grad_x = matmul(g.reshape(-1, g.shape[-1]), _dequant(packed, absmax, nested, ctx.spec))  # (N, in)
+            grad_x = grad_x.view(*g.shape[:-1], grad_x.shape[-1])
         return grad_x, None, None, None, None, None
 
 
