@@ -12,7 +12,7 @@ AMD cores), so a step can undercut the limit as defined above, which uses torch'
 therefore also reports ``vs_limit_same_matmul``: the limit with its frozen linears (all but the output head, as
 for lorakit) computing through the same kernels, so that ratio is the cost of LoRA alone.
 
-Usage: python bench/bench_core.py [--repeats 5] [--threads 2] [--batch 4] [--seq 256]
+Usage: python bench/bench_core.py [--repeats 5] [--threads 2] [--batch 4] [--seq 256] [--keep-freed-memory]
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import torch
 
 import lorakit
 from common import alternate, same_matmul_linears
+from lorakit.allocator import keep_freed_memory
 from lorakit.optim import build_optimizer
 from lorakit.train.common import sft_loss
 
@@ -79,7 +80,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--only", default="", help="comma-separated comparison names")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="lorakit.keep_freed_memory() for the whole process (every side), as lorakit's training "
+                             "loops set it; by default glibc's allocator keeps its defaults")
     args = parser.parse_args()
+    if args.keep_freed_memory and not keep_freed_memory():
+        raise SystemExit("keep_freed_memory() is not available here (glibc Linux only)")
     torch.set_num_threads(args.threads)
     import peft
 
