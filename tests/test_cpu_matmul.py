@@ -79,3 +79,34 @@ def test_enabled_only_for_float32_cpu():
     assert cpu_matmul.enabled(torch.zeros(1), torch.zeros(2))
     assert not cpu_matmul.enabled(torch.zeros(1), torch.zeros(2, dtype=torch.float64))
     assert not cpu_matmul.enabled(torch.zeros(1, dtype=torch.bfloat16))
+
+
+def _spy(monkeypatch):
+    calls = []
+    real = cpu_matmul._LINEAR
+    monkeypatch.setattr(cpu_matmul, "_LINEAR", lambda *a: calls.append(tuple(a[0].shape)) or real(*a))
+    return calls
+
+
+@needs_onednn
+def test_no_grad_linears_routes_module_linears_without_grad(monkeypatch):
+    calls = _spy(monkeypatch)
+    layer = torch.nn.Linear(12, 5)
+    x = torch.randn(2, 3, 12)
+    ref = F.linear(x.double(), layer.weight.double(), layer.bias.double())
+    with torch.no_grad(), cpu_matmul.no_grad_linears():
+        y = layer(x)
+        y1 = F.linear(x[0, 0], layer.weight)  # 1-D input: left to torch
+    assert calls == [(6, 12)] and y.shape == (2, 3, 5)
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(y1, F.linear(x[0, 0], layer.weight))
+
+
+def test_no_grad_linears_leaves_gradient_calls_to_torch(monkeypatch):
+    calls = _spy(monkeypatch)
+    layer = torch.nn.Linear(12, 5)
+    x = torch.randn(4, 12, requires_grad=True)
+    with cpu_matmul.no_grad_linears():
+        y = layer(x)
+    assert calls == [] and y.grad_fn is not None
+    assert torch.equal(y, layer(x))

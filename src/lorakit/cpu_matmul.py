@@ -20,11 +20,14 @@ from __future__ import annotations
 
 import os
 import platform
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
-__all__ = ["enabled", "linear", "matmul"]
+__all__ = ["enabled", "linear", "matmul", "no_grad_linears"]
 
 _X86 = platform.machine().lower() in ("x86_64", "amd64")
 
@@ -65,3 +68,26 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b`` for 2-D ``a`` ``(n, k)`` and ``b`` ``(k, m)`` (any strides); see :func:`linear`."""
     return linear(a, b.t())
+
+
+class _NoGradLinears(TorchFunctionMode):
+    """Sends ``F.linear`` calls made without gradients (float32, CPU) through :func:`linear`."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear and not torch.is_grad_enabled():
+            x, weight = args[0], args[1]
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            if x.dim() >= 2 and weight.dim() == 2 and enabled(x, weight):
+                y = linear(x.reshape(-1, x.shape[-1]), weight, bias)
+                return y.view(*x.shape[:-1], weight.shape[0])
+        return func(*args, **kwargs)
+
+
+@contextmanager
+def no_grad_linears() -> Iterator[None]:
+    """Inside, every float32 CPU ``F.linear`` made without gradients (``nn.Linear`` layers, the output head) runs
+    through oneDNN: for generation and evaluation, where the model's own layers would take MKL's slower path (See
+    Note: why not ``torch.mm`` for float32 on CPU). Calls with gradients, other dtypes and devices are untouched."""
+    with _NoGradLinears():
+        yield

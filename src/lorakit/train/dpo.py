@@ -15,6 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..adapters import disable_adapter, set_adapter, trainable_parameters
+from ..cpu_matmul import no_grad_linears
 from ..data import PreferenceDataset, collate_preference, load_splits
 from ..inject import add_adapter
 from ..peft_format import load_adapter
@@ -46,7 +47,7 @@ def _reference(model: nn.Module, has_reference_adapter: bool):
 def reference_logps(model: nn.Module, batch: dict[str, torch.Tensor], has_reference_adapter: bool = False
                     ) -> torch.Tensor:
     """Sequence log-probs (2B,) of a collated preference batch under the reference model."""
-    with _reference(model, has_reference_adapter):
+    with _reference(model, has_reference_adapter), no_grad_linears():  # base linears through oneDNN (cpu_matmul)
         return token_logps(model, batch)
 
 
