@@ -2,13 +2,13 @@
 matmuls.
 
 Note: why not ``torch.mm`` for float32 on CPU
-    PyTorch's CPU build sends float32 ``mm``/``linear`` to MKL's ``sgemm``. On AMD processors MKL picks its AVX2
-    code even where the core has full-width AVX-512, so half the vector units sit idle: measured on this
-    project's 2-core AMD EPYC (Zen 5) machine, ``(1024 x 576) @ (576 x 1536)`` runs at ~215 GFLOP/s through
-    ``torch.mm`` and ~450 GFLOP/s through oneDNN's AVX-512 ``brgemm`` (``torch.ops.mkldnn._linear_pointwise``),
-    with the same float32 arithmetic (no reduced-precision mode; results differ from MKL's only by the order of
-    the sums). The thin (tokens x r) products of LoRA gain about as much. On Intel cores both libraries use
-    AVX-512 and the two paths are about equal.
+    PyTorch's CPU build sends float32 ``mm``/``linear`` to MKL's ``sgemm``, which on AMD processors reaches only
+    what AVX2 code can (MKL's dispatch favours Intel cores): measured on this project's 2-core AMD EPYC (Zen 5)
+    machine, ``(1024 x 576) @ (576 x 1536)`` runs at ~215 GFLOP/s through ``torch.mm`` and ~450 GFLOP/s through
+    oneDNN's AVX-512 ``brgemm`` (``torch.ops.mkldnn._linear_pointwise``), with the same float32 arithmetic (no
+    reduced-precision mode; results differ from MKL's only by the order of the sums). LoRA's thin (tokens x r)
+    products gain 1.2-2x. On Intel cores MKL takes its own AVX-512 code, so expect less there (not measured: no
+    Intel machine here).
 
     The fused LoRA node (``lorakit.fused``) computes its frozen base product, the adapter's products and their
     gradients here; its autograd formulas are its own, so oneDNN's missing derivatives do not matter. Used only

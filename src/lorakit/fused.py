@@ -57,7 +57,7 @@ class _LoraLinear(torch.autograd.Function):
         grad_xa = matmul(grad, lora_B).mul_(s)  # (N, r)
         param_A, param_B = ctx.params
         grad_B = None
-        if ctx.needs_input_grad[4]:  # s·gᵀ xa, as (xaᵀ g)ᵀ: the product oneDNN runs fast (See Note: why not torch.mm)
+        if ctx.needs_input_grad[4]:  # s·gᵀ xa, computed as (xaᵀ g)ᵀ: the orientation oneDNN runs fast
             grad_B = grad_buffer(param_B)
             if grad_B is None:
                 grad_B = torch.empty_like(lora_B, memory_format=torch.contiguous_format)

@@ -9,7 +9,8 @@ https://arxiv.org/abs/2208.07339): per output row ``r``
 As in bitsandbytes, ``W`` is rounded to float16 first, so ``SCB`` holds float16 values and the bytes match
 ``Linear8bitLt(has_fp16_weights=False, threshold=0.0)``. Unlike bitsandbytes' int8 matmul, the forward does not
 quantize activations: it dequantizes the weight to ``compute_dtype`` and multiplies (float32 on x86 through
-``lorakit.cpu_matmul``), so outputs equal ``x · W_hat^T`` up to floating-point rounding. Backward saves only the int8 weight and ``SCB``.
+``lorakit.cpu_matmul``), so outputs equal ``x · W_hat^T`` up to floating-point rounding. Backward saves only the
+int8 weight and ``SCB``.
 
 State dict (bitsandbytes order): ``weight`` int8 ``(out, in)``, ``bias``, ``SCB`` float32 ``(out,)`` and
 ``weight_format`` (uint8 scalar 0 = row-major; accepted and checked on load).
