@@ -23,6 +23,28 @@ def test_fused_matches_formula_and_grads(bias):
         torch.testing.assert_close(got, want)
 
 
+@pytest.mark.parametrize("layout", ["column slice", "transposed"])
+def test_fused_strided_input_matches_float64(layout):
+    """Inputs that are views (a slice of wider activations, a transpose) reach the matmuls with their strides."""
+    g = torch.Generator().manual_seed(3)
+    shape = (4, 9, 40) if layout == "column slice" else (4, 24, 9)
+    view = (lambda t: t[..., 5:29]) if layout == "column slice" else (lambda t: t.transpose(1, 2))
+    base = torch.randn(*shape, generator=g, requires_grad=True)
+    W, A, B = (torch.randn(*s, generator=g) for s in ((10, 24), (16, 24), (10, 16)))
+    A.requires_grad_(), B.requires_grad_()
+    x = view(base)
+    assert not x.is_contiguous()
+    out = lora_linear(x, W, None, A, B, 2.0)
+    g_out = torch.randn(out.shape, generator=g)
+    grads = torch.autograd.grad(out, (base, A, B), g_out)
+    based, Ad, Bd = (t.detach().double().requires_grad_() for t in (base, A, B))
+    xd = view(based)
+    ref = xd @ W.double().T + 2.0 * (xd @ Ad.T) @ Bd.T
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads, torch.autograd.grad(ref, (based, Ad, Bd), g_out.double())):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+
+
 def test_fused_dropout_mask_on_bottleneck_grads():
     torch.manual_seed(0)
     x = torch.randn(6, 8, requires_grad=True)
