@@ -10,7 +10,9 @@ transformers' loss on every side; ``..._training_loss`` repeats dropout 0 with l
 lorakit's LoRA layers run their float32 products through oneDNN (``lorakit.cpu_matmul``: about 2x MKL's sgemm on
 AMD cores), so a step can undercut the limit as defined above, which uses torch's stock matmul. Each training row
 therefore also reports ``vs_limit_same_matmul``: the limit with its frozen linears (all but the output head, as
-for lorakit) computing through the same kernels, so that ratio is the cost of LoRA alone.
+for lorakit) computing through the same kernels, so that ratio is the cost of LoRA alone. The q_proj/v_proj row
+applies ``lorakit.fast_frozen_linears`` (every frozen linear, head included, through oneDNN) and compares with a
+limit whose every linear does the same.
 
 Usage: python bench/bench_core.py [--repeats 5] [--threads 2] [--batch 4] [--seq 256] [--keep-freed-memory]
 """
@@ -126,6 +128,22 @@ def main() -> None:
             report(name + "_training_loss", t["ours"], t["peer"], t["limit"], peer_vs_limit=False,
                    limit_same=t["limit_same"])
         del ours, theirs, o1, o2
+
+    name = "train_step_r16_q_v_fast_frozen_linears"
+    if want(name):
+        # PEFT's default targets for Llama (q_proj, v_proj): most of the model stays frozen nn.Linear layers, which
+        # lorakit.fast_frozen_linears (as lorakit's training loops apply it) computes through oneDNN, head included;
+        # the same-matmul limit then covers every linear, head included
+        kw = dict(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"])
+        ours = lorakit.fast_frozen_linears(lorakit.add_adapter(copy.deepcopy(base), lorakit.LoraConfig(**kw)))
+        theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(task_type="CAUSAL_LM", **kw))
+        o1 = build_optimizer("adamw", [p for p in ours.parameters() if p.requires_grad], lr=1e-4)
+        o2 = build_optimizer("adamw", [p for p in theirs.parameters() if p.requires_grad], lr=1e-4)
+        same_all = same_matmul_linears(copy.deepcopy(limit_model), head=True)
+        t = alternate({"limit": limit_step, "ours": train_step(ours, batch, o1), "peer": train_step(theirs, batch, o2),
+                       "limit_same": train_step(same_all, batch, None)}, args.repeats, warmup=3)
+        report(name, t["ours"], t["peer"], t["limit"], limit_same=t["limit_same"])
+        del ours, theirs, o1, o2, same_all
 
     kw = dict(r=16, lora_alpha=32, target_modules="all-linear")
     if want("add_adapter"):

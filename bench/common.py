@@ -14,11 +14,10 @@ import statistics
 import subprocess
 import sys
 import time
-import types
 
 import torch
 
-from lorakit import cpu_matmul
+import lorakit
 
 
 def alternate(fns: dict, repeats: int, warmup: int = 1) -> dict[str, float]:
@@ -61,32 +60,11 @@ def child_memory(script: str, side: str, args) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
-class _FrozenLinear(torch.autograd.Function):
-    """``x Wᵀ + b`` for a frozen weight through ``lorakit.cpu_matmul``: input gradient only."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias):
-        ctx.save_for_backward(weight)
-        return cpu_matmul.linear(x, weight, bias)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (weight,) = ctx.saved_tensors
-        return cpu_matmul.matmul(grad, weight), None, None
-
-
-def same_matmul_linears(model: torch.nn.Module) -> torch.nn.Module:
-    """Make every frozen ``nn.Linear`` of ``model`` but its output head compute through ``lorakit.cpu_matmul``
-    (the kernels lorakit's LoRA layers use), for a limit that differs from lorakit's step only by LoRA.
-    Instance ``forward``s are replaced; the module tree is unchanged."""
-    head = model.get_output_embeddings()
-    for module in model.modules():
-        if type(module) is torch.nn.Linear and module is not head and not module.weight.requires_grad:
-            module.forward = types.MethodType(_frozen_forward, module)
+def same_matmul_linears(model: torch.nn.Module, head: bool = False) -> torch.nn.Module:
+    """Make the frozen ``nn.Linear`` layers of ``model`` (its output head only if ``head``) compute through
+    ``lorakit.cpu_matmul`` as lorakit's LoRA layers do (``lorakit.fast_frozen_linears``), for a limit that differs
+    from lorakit's step only by LoRA."""
+    lorakit.fast_frozen_linears(model)
+    if not head:
+        lorakit.stop_fast_frozen_linears(model.get_output_embeddings())
     return model
-
-
-def _frozen_forward(self, x):
-    shape = x.shape
-    out = _FrozenLinear.apply(x.reshape(-1, shape[-1]), self.weight, self.bias)
-    return out.view(*shape[:-1], out.shape[-1])

@@ -13,6 +13,7 @@ from .adapters import (
     unmerge_adapter,
 )
 from .config import LoraConfig
+from .fast_linears import fast_frozen_linears, stop_fast_frozen_linears
 from .inject import adapter_configs, add_adapter, lora_layers, merge_and_unload, unload
 from .layer import LoraLinear
 from .merge import MergeReport, save_merged, verify_merge
@@ -46,6 +47,8 @@ __all__ = [
     "quant",
     "print_trainable_parameters",
     "recompute_cheap_activations",
+    "fast_frozen_linears",
+    "stop_fast_frozen_linears",
     "save_adapter",
     "save_merged",
     "set_adapter",

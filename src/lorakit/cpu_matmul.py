@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["enabled", "linear", "matmul", "no_grad_linears"]
+__all__ = ["enabled", "frozen_linear", "linear", "matmul", "no_grad_linears"]
 
 _X86 = platform.machine().lower() in ("x86_64", "amd64")
 
@@ -68,6 +68,34 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b`` for 2-D ``a`` ``(n, k)`` and ``b`` ``(k, m)`` (any strides); see :func:`linear`."""
     return linear(a, b.t())
+
+
+class _FrozenLinear(torch.autograd.Function):
+    """``x Wᵀ + b`` with a frozen weight and bias: only the input gradient, ``g W``."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(weight)
+        return linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (weight,) = ctx.saved_tensors
+        return matmul(grad, weight), None, None
+
+
+def frozen_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` for ``x`` ``(..., in)``, through oneDNN (forward and input gradient) when the
+    weight and bias need no gradient and :func:`enabled` holds; otherwise ``F.linear`` itself."""
+    if (x.dim() < 2 or weight.dim() != 2 or weight.requires_grad or not enabled(x, weight)
+            or (bias is not None and (bias.requires_grad or not enabled(bias)))):
+        return F.linear(x, weight, bias)
+    x2 = x.reshape(-1, x.shape[-1])
+    if x.requires_grad and torch.is_grad_enabled():
+        y = _FrozenLinear.apply(x2, weight, bias)
+    else:
+        y = linear(x2, weight, bias)
+    return y.view(*x.shape[:-1], weight.shape[0])
 
 
 class _NoGradLinears(TorchFunctionMode):

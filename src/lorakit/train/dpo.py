@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from ..adapters import disable_adapter, set_adapter, trainable_parameters
 from ..cpu_matmul import no_grad_linears
 from ..data import PreferenceDataset, collate_preference, load_splits
+from ..fast_linears import fast_frozen_linears
 from ..inject import add_adapter
 from ..peft_format import load_adapter
 from .args import DPOArgs
@@ -80,6 +81,7 @@ def train_dpo(args: DPOArgs) -> TrainResult:
     else:
         add_adapter(model, lora_config(args))
     save_activation_memory(model, args)
+    fast_frozen_linears(model)  # the layers target_modules leave out compute through oneDNN too (cpu_matmul)
     train_rows, val_rows = load_splits(args.train_file, args.val_file, val_fraction=args.val_fraction,
                                        seed=args.seed, skip_bad=args.skip_bad_rows, formats=["preference"])
     train_set = PreferenceDataset(train_rows, tokenizer, args.max_length, skip_bad=args.skip_bad_rows)

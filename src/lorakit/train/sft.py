@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from ..adapters import TrainableReport, trainable_parameters
 from ..data import SFTDataset, collate_sft, load_splits
 from ..evaluate import exact_match, validation_loss
+from ..fast_linears import fast_frozen_linears
 from ..inject import add_adapter
 from ..peft_format import save_adapter
 from ..tasks import get_task, make_split
@@ -129,6 +130,7 @@ def train_sft(args: SFTArgs) -> TrainResult:
     else:
         add_adapter(model, lora_config(args))
     save_activation_memory(model, args)
+    fast_frozen_linears(model)  # the layers target_modules leave out compute through oneDNN too (cpu_matmul)
     report = trainable_parameters(model)
 
     # --- optimizer and schedule
