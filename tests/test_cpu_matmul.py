@@ -110,3 +110,19 @@ def test_no_grad_linears_leaves_gradient_calls_to_torch(monkeypatch):
         y = layer(x)
     assert calls == [] and y.grad_fn is not None
     assert torch.equal(y, layer(x))
+
+
+@pytest.mark.parametrize("failure", ["raises", "wrong values"])
+def test_a_broken_onednn_op_falls_back_with_a_warning(monkeypatch, failure):
+    def broken(x, w, b, *rest):
+        if failure == "raises":
+            raise RuntimeError("mkldnn::_linear_pointwise: no such overload")
+        return torch.zeros(x.shape[0], w.shape[0])
+
+    monkeypatch.setattr(cpu_matmul, "_LINEAR", broken)
+    monkeypatch.setattr(cpu_matmul, "_CHECKED", False)
+    x, w = torch.randn(4, 6), torch.randn(2, 6)
+    with pytest.warns(UserWarning, match="oneDNN float32 matmul unusable"):
+        assert not cpu_matmul.enabled(x, w)
+    assert cpu_matmul._LINEAR is None
+    assert torch.equal(cpu_matmul.linear(x, w), torch.nn.functional.linear(x, w))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import platform
+import warnings
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -41,12 +42,37 @@ def _op():
 
 
 _LINEAR = _op() if _X86 and torch.backends.mkldnn.is_available() else None
+_CHECKED = False
+
+
+def _works() -> bool:
+    """One small product against ``F.linear`` the first time, so that a PyTorch build whose oneDNN op is missing,
+    renamed or broken falls back to torch (with a warning) instead of failing or miscomputing later."""
+    global _LINEAR, _CHECKED
+    if not _CHECKED:
+        _CHECKED = True
+        if _LINEAR is not None:
+            g = torch.Generator().manual_seed(0)
+            x, w, b = torch.randn(5, 7, generator=g), torch.randn(3, 7, generator=g), torch.randn(3, generator=g)
+            try:
+                with torch.no_grad():
+                    ok = torch.allclose(_LINEAR(x, w.t().contiguous().t(), b, "none", [], ""), F.linear(x, w, b),
+                                        rtol=1e-5, atol=1e-5)
+            except (RuntimeError, TypeError) as e:
+                ok, why = False, str(e).splitlines()[0] if str(e) else type(e).__name__
+            else:
+                why = "its result differs from torch's"
+            if not ok:
+                warnings.warn(f"lorakit: oneDNN float32 matmul unusable in this PyTorch build ({why}); using torch's "
+                              "matmul (slower on AMD CPUs).", stacklevel=3)
+                _LINEAR = None
+    return _LINEAR is not None
 
 
 def enabled(*tensors: torch.Tensor) -> bool:
     """Whether products of these tensors go through oneDNN: all float32 on the CPU, x86-64, PyTorch built with
-    oneDNN, and ``LORAKIT_ONEDNN`` not ``0``."""
-    if _LINEAR is None or os.environ.get("LORAKIT_ONEDNN", "1") == "0":
+    a working oneDNN (checked once), and ``LORAKIT_ONEDNN`` not ``0``."""
+    if _LINEAR is None or os.environ.get("LORAKIT_ONEDNN", "1") == "0" or not _works():
         return False
     return all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
 
