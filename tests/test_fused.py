@@ -119,3 +119,19 @@ def test_down_projection_under_autocast_follows_autocast():
     assert out.dtype == torch.bfloat16
     out.float().sum().backward()
     assert x.grad.dtype == torch.bfloat16 and A.grad.dtype == torch.float32
+
+
+def test_fused_node_takes_a_non_contiguous_output_gradient():
+    """Autograd may hand the node a transposed gradient (a transposed use of the output downstream)."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(12, 24, generator=g, requires_grad=True)
+    W, A, B = (torch.randn(*s, generator=g) for s in ((10, 24), (16, 24), (10, 16)))
+    A.requires_grad_(), B.requires_grad_()
+    out = lora_linear(x, W, None, A, B, 2.0)
+    g_t = torch.randn(10, 12, generator=g)
+    (out.t() * g_t).sum().backward()  # d/d out = g_t.t(): strides (1, 12)
+    xd, Ad, Bd = (t.detach().double().requires_grad_() for t in (x, A, B))
+    ref = xd @ W.double().T + 2.0 * (xd @ Ad.T) @ Bd.T
+    (ref.t() * g_t.double()).sum().backward()
+    for got, want in ((x.grad, xd.grad), (A.grad, Ad.grad), (B.grad, Bd.grad)):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
