@@ -12,6 +12,7 @@ from .adapters import (
     trainable_parameters,
     unmerge_adapter,
 )
+from .allocator import keep_freed_memory
 from .config import LoraConfig
 from .fast_linears import fast_frozen_linears, stop_fast_frozen_linears
 from .inject import adapter_configs, add_adapter, lora_layers, merge_and_unload, unload
@@ -48,6 +49,7 @@ __all__ = [
     "print_trainable_parameters",
     "recompute_cheap_activations",
     "fast_frozen_linears",
+    "keep_freed_memory",
     "stop_fast_frozen_linears",
     "save_adapter",
     "save_merged",
