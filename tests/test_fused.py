@@ -135,3 +135,23 @@ def test_fused_node_takes_a_non_contiguous_output_gradient():
     (ref.t() * g_t.double()).sum().backward()
     for got, want in ((x.grad, xd.grad), (A.grad, Ad.grad), (B.grad, Bd.grad)):
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+
+
+def test_lora_model_compiles_with_the_same_loss_and_grads():
+    """torch.compile traces the fused node with torch's own ops (the oneDNN op has no lowering for its strides)."""
+    import lorakit
+    from lorakit_testing import make_tiny_llama
+
+    model = make_tiny_llama(0)
+    lorakit.add_adapter(model, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                  init_lora_weights=False))
+    lorakit.fast_frozen_linears(model)
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    params = [p for p in model.parameters() if p.requires_grad]
+    eager = model(input_ids=ids, labels=ids).loss
+    want = torch.autograd.grad(eager, params)
+    compiled = torch.compile(model)(input_ids=ids, labels=ids).loss
+    got = torch.autograd.grad(compiled, params)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)

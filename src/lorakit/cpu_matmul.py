@@ -71,8 +71,10 @@ def _works() -> bool:
 
 def enabled(*tensors: torch.Tensor) -> bool:
     """Whether products of these tensors go through oneDNN: all float32 on the CPU, x86-64, PyTorch built with
-    a working oneDNN (checked once), and ``LORAKIT_ONEDNN`` not ``0``."""
-    if _LINEAR is None or os.environ.get("LORAKIT_ONEDNN", "1") == "0" or not _works():
+    a working oneDNN (checked once), ``LORAKIT_ONEDNN`` not ``0``, and not inside ``torch.compile`` tracing."""
+    if _LINEAR is None or os.environ.get("LORAKIT_ONEDNN", "1") == "0" or torch.compiler.is_compiling():
+        return False  # (under torch.compile the compiler picks its own kernels; it cannot lower this op's strides)
+    if not _works():
         return False
     return all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
 
