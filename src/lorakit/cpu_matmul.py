@@ -113,16 +113,15 @@ class _FrozenLinear(torch.autograd.Function):
 
 
 def frozen_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)`` for ``x`` ``(..., in)``, through oneDNN (forward and input gradient) when the
-    weight and bias need no gradient and :func:`enabled` holds; otherwise ``F.linear`` itself."""
-    if (x.dim() < 2 or weight.dim() != 2 or weight.requires_grad or not enabled(x, weight)
-            or (bias is not None and (bias.requires_grad or not enabled(bias)))):
+    """``F.linear(x, weight, bias)`` for ``x`` ``(..., in)``, through oneDNN (forward and input gradient) when
+    :func:`enabled` holds and, under grad mode, the weight and bias need no gradient; otherwise ``F.linear``."""
+    if x.dim() < 2 or weight.dim() != 2 or not enabled(x, weight) or (bias is not None and not enabled(bias)):
+        return F.linear(x, weight, bias)
+    grad = torch.is_grad_enabled()
+    if grad and (weight.requires_grad or (bias is not None and bias.requires_grad)):
         return F.linear(x, weight, bias)
     x2 = x.reshape(-1, x.shape[-1])
-    if x.requires_grad and torch.is_grad_enabled():
-        y = _FrozenLinear.apply(x2, weight, bias)
-    else:
-        y = linear(x2, weight, bias)
+    y = _FrozenLinear.apply(x2, weight, bias) if grad and x.requires_grad else linear(x2, weight, bias)
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
@@ -131,12 +130,8 @@ class _NoGradLinears(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is F.linear and not torch.is_grad_enabled():
-            x, weight = args[0], args[1]
-            bias = args[2] if len(args) > 2 else kwargs.get("bias")
-            if x.dim() >= 2 and weight.dim() == 2 and enabled(x, weight):
-                y = linear(x.reshape(-1, x.shape[-1]), weight, bias)
-                return y.view(*x.shape[:-1], weight.shape[0])
+        if func is F.linear and not torch.is_grad_enabled() and len(args) >= 2:
+            return frozen_linear(*args, **kwargs)  # (F.linear itself wherever oneDNN does not apply)
         return func(*args, **kwargs)
 
 
