@@ -94,3 +94,18 @@ def test_copies_and_pickles_keep_their_own_forward():
         assert head.__dict__["forward"].module is head
         with torch.no_grad():
             torch.testing.assert_close(other(input_ids=ids).logits, ref, rtol=0, atol=0)
+
+
+def test_before_add_adapter_and_after_unload():
+    """Applied first, the wrapped layers keep it as base layers; unload hands them back with the same outputs."""
+    ids = torch.randint(0, 64, (1, 7), generator=torch.Generator().manual_seed(3))
+    model = lorakit.fast_frozen_linears(make_tiny_llama(0).requires_grad_(False))
+    with torch.no_grad():
+        base_logits = model(input_ids=ids).logits
+    lorakit.add_adapter(model, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                  init_lora_weights=False))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    lorakit.unload(model)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, base_logits)
