@@ -19,6 +19,7 @@ from .cpu_matmul import frozen_linear
 
 __all__ = ["fast_frozen_linears", "stop_fast_frozen_linears"]
 
+
 class _FrozenForward:
     """The instance ``forward`` (a plain object, so that models stay picklable and deep-copyable)."""
 
