@@ -150,7 +150,14 @@ def test_lora_model_compiles_with_the_same_loss_and_grads():
     params = [p for p in model.parameters() if p.requires_grad]
     eager = model(input_ids=ids, labels=ids).loss
     want = torch.autograd.grad(eager, params)
-    compiled = torch.compile(model)(input_ids=ids, labels=ids).loss
+    try:
+        compiled = torch.compile(model)(input_ids=ids, labels=ids).loss
+    except Exception as e:  # a machine without a working C++ toolchain cannot compile anything
+        from torch._inductor.exc import CppCompileError, InvalidCxxCompiler
+        if isinstance(e, (CppCompileError, InvalidCxxCompiler)) or isinstance(e.__cause__, (CppCompileError,
+                                                                                          InvalidCxxCompiler)):
+            pytest.skip(f"torch.compile needs a C++ toolchain here: {type(e).__name__}")
+        raise
     got = torch.autograd.grad(compiled, params)
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
     for g, w in zip(got, want):
