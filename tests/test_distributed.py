@@ -1,0 +1,65 @@
+"""A lorakit model under torch's DistributedDataParallel (gloo, two CPU processes): each rank's adapter gradients
+are the average of both ranks', as one process computing both batches gets them."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import lorakit
+from lorakit_testing import make_tiny_llama
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
+
+
+def _model():
+    model = make_tiny_llama(0)
+    lorakit.add_adapter(model, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                  init_lora_weights=False))
+    return lorakit.fast_frozen_linears(model)
+
+
+def _batch(rank):
+    return torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(rank))
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _worker(rank, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        torch.set_num_threads(1)
+        lorakit.keep_freed_memory()  # as lorakit's loops: adapter gradients written into kept memory (grad_memory)
+        model = _model()
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        ids = _batch(rank)
+        ddp(input_ids=ids, labels=ids).loss.backward()
+        torch.save(_grads(model), os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_averages_adapter_gradients(tmp_path):
+    mp.start_processes(_worker, args=(_free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
+    model = _model()
+    for rank in (0, 1):
+        ids = _batch(rank)
+        (model(input_ids=ids, labels=ids).loss / 2).backward()
+    want = _grads(model)
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        assert got.keys() == want.keys() and got
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6)
