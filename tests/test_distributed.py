@@ -1,5 +1,5 @@
-"""A lorakit model under torch's DistributedDataParallel (gloo, two CPU processes): each rank's adapter gradients
-are the average of both ranks', as one process computing both batches gets them."""
+"""A lorakit model under torch's DistributedDataParallel and FSDP2 (``fully_shard``), gloo, two CPU processes: each
+rank's adapter gradients are the average of both ranks', as one process computing both batches gets them."""
 
 import os
 import socket
@@ -27,19 +27,26 @@ def _batch(rank):
 
 
 def _grads(model):
-    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    full = lambda g: g.full_tensor() if hasattr(g, "full_tensor") else g.clone()  # noqa: E731  (FSDP2: DTensor shards)
+    return {n: full(p.grad) for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _worker(rank, port, out_dir):
+def _worker(rank, port, out_dir, wrapper):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
         torch.set_num_threads(1)
         lorakit.keep_freed_memory()  # as lorakit's loops: adapter gradients written into kept memory (grad_memory)
         model = _model()
-        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        if wrapper == "ddp":
+            run = torch.nn.parallel.DistributedDataParallel(model)
+        else:
+            from torch.distributed.fsdp import fully_shard
+            for layer in model.model.layers:
+                fully_shard(layer)
+            run = fully_shard(model)
         ids = _batch(rank)
-        ddp(input_ids=ids, labels=ids).loss.backward()
+        run(input_ids=ids, labels=ids).loss.backward()
         torch.save(_grads(model), os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -51,8 +58,9 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_ddp_averages_adapter_gradients(tmp_path):
-    mp.start_processes(_worker, args=(_free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
+@pytest.mark.parametrize("wrapper", ["ddp", "fsdp2"])
+def test_adapter_gradients_are_averaged_across_ranks(tmp_path, wrapper):
+    mp.start_processes(_worker, args=(_free_port(), str(tmp_path), wrapper), nprocs=2, start_method="spawn")
     model = _model()
     for rank in (0, 1):
         ids = _batch(rank)
