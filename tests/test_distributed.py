@@ -50,6 +50,9 @@ def _worker(rank, port, out_dir, wrapper):
         torch.save(_grads(model), os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+    # Skip the interpreter's teardown: there gloo's background threads abort the process now and then ("terminate
+    # called without an active exception"; 2 in 10 torchrun runs of a plain nn.Linear under DDP here, none with this)
+    os._exit(0)
 
 
 def _free_port():
