@@ -109,3 +109,17 @@ def test_before_add_adapter_and_after_unload():
     lorakit.unload(model)
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, base_logits)
+
+
+def test_a_dropped_model_is_freed_without_the_garbage_collector():
+    import gc
+    import weakref
+
+    model = lorakit.fast_frozen_linears(make_tiny_llama(0))
+    head = weakref.ref(model.lm_head)
+    gc.disable()
+    try:
+        del model
+        assert head() is None  # no module -> forward -> module cycle keeps the weights alive
+    finally:
+        gc.enable()

@@ -12,6 +12,8 @@ untouched); gradient checkpointing recomputes through the same forward. :func:`s
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 
@@ -21,13 +23,23 @@ __all__ = ["fast_frozen_linears", "stop_fast_frozen_linears"]
 
 
 class _FrozenForward:
-    """The instance ``forward`` (a plain object, so that models stay picklable and deep-copyable)."""
+    """The instance ``forward``. It holds its module weakly, so that the module is freed as soon as the model is
+    dropped (no reference cycle waiting for the garbage collector), and pickles and deep-copies as a reference to
+    the module (the copy is bound to the copied module)."""
 
     def __init__(self, module: nn.Linear):
-        self.module = module
+        self._module = weakref.ref(module)
+
+    @property
+    def module(self) -> nn.Linear:
+        return self._module()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return frozen_linear(x, self.module.weight, self.module.bias)
+        module = self._module()
+        return frozen_linear(x, module.weight, module.bias)
+
+    def __reduce__(self):
+        return _FrozenForward, (self._module(),)
 
 
 def fast_frozen_linears(model: nn.Module) -> nn.Module:
