@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from lorakit.cpu_matmul import linear, matmul
+from lorakit.cpu_matmul import frozen_linear
 
 __all__ = ["Int8Linear", "quantize_int8_rowwise", "dequantize_int8_rowwise"]
 
@@ -61,17 +61,14 @@ class _Int8Matmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, cb, scb):  # noqa: D102
         ctx.save_for_backward(cb, scb)
-        x2 = x.reshape(-1, x.shape[-1])
-        y = linear(x2, dequantize_int8_rowwise(cb, scb, x.dtype))  # float32: oneDNN (lorakit.cpu_matmul)
-        return y.view(*x.shape[:-1], y.shape[-1])
+        return frozen_linear(x, dequantize_int8_rowwise(cb, scb, x.dtype))  # float32: oneDNN (lorakit.cpu_matmul)
 
     @staticmethod
     def backward(ctx, grad):  # noqa: D102
         grad_x = None
         if ctx.needs_input_grad[0]:
             cb, scb = ctx.saved_tensors
-            grad_x = matmul(grad.reshape(-1, grad.shape[-1]), dequantize_int8_rowwise(cb, scb, grad.dtype))
-            grad_x = grad_x.view(*grad.shape[:-1], grad_x.shape[-1])  # (..., out) @ (out, in)
+            grad_x = frozen_linear(grad, dequantize_int8_rowwise(cb, scb, grad.dtype).t())  # (..., out) @ (out, in)
         return grad_x, None, None
 
 

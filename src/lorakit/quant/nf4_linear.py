@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from lorakit.cpu_matmul import linear, matmul
+from lorakit.cpu_matmul import frozen_linear
 from lorakit.quant import cpu_kernels
 from lorakit.quant.dynamic8 import dynamic_map
 from lorakit.quant.nf4 import BLOCKSIZES, code_4bit, dequantize_4bit, double_dequantize, double_quantize, quantize_4bit
@@ -74,8 +74,7 @@ def _matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, nested:
         y = cpu_kernels.matmul_bf16(x2, packed, absmax, nested, spec.offset, spec.shape, spec.blocksize,
                                     _code(spec.quant_type), out_dtype)
         return y.view(*x.shape[:-1], spec.shape[0])
-    y = linear(x2, _dequant(packed, absmax, nested, spec))  # float32: oneDNN (lorakit.cpu_matmul)
-    return y.view(*x.shape[:-1], spec.shape[0]).to(out_dtype)
+    return frozen_linear(x, _dequant(packed, absmax, nested, spec)).to(out_dtype)  # float32: oneDNN (cpu_matmul)
 
 
 class _NF4Matmul(torch.autograd.Function):
@@ -92,9 +91,8 @@ class _NF4Matmul(torch.autograd.Function):
         grad_x = None
         if ctx.needs_input_grad[0]:
             packed, absmax, nested = ctx.saved_tensors
-            g = grad.to(ctx.spec.dtype)
-            grad_x = matmul(g.reshape(-1, g.shape[-1]), _dequant(packed, absmax, nested, ctx.spec))  # (N, in)
-            grad_x = grad_x.view(*g.shape[:-1], grad_x.shape[-1])
+            w = _dequant(packed, absmax, nested, ctx.spec)
+            grad_x = frozen_linear(grad.to(ctx.spec.dtype), w.t())  # (..., out) @ (out, in)
         return grad_x, None, None, None, None, None
 
 
