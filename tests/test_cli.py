@@ -205,8 +205,9 @@ def test_merge_refuses_to_write_a_bad_merge(capsys, monkeypatch, tiny, tmp_path)
 @pytest.mark.parametrize("config, r", [("sft_lora", 16), ("sft_qlora", 16), ("sft_olora", 32)])
 def test_train_sft(capsys, tiny, tmp_path, config, r):
     base, _ = tiny
+    # README's command: `--set max_steps=50 lr=1e-3` (YAML 1.1 reads 1e-3 as text; it failed after the base evaluation)
     code, out, _ = run(capsys, "train", ROOT / f"configs/{config}.yaml", "--set", f"model={base}", "max_steps=2",
-                       "n_train=16", "n_eval=4", "batch_size=4", f"output_dir={tmp_path}", "progress=false")
+                       "lr=1e-3", "n_train=16", "n_eval=4", "batch_size=4", f"output_dir={tmp_path}", "progress=false")
     assert code == 0, out
     assert "base accuracy" in out and "tuned accuracy" in out and "trainable" in out
     assert (tmp_path / "metrics.jsonl").is_file()

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..fields import ConfigError, check_range, coerce, coerce_fields
+
 __all__ = ["SFTArgs", "DPOArgs", "load_args", "parse_overrides"]
 
 
@@ -108,17 +110,32 @@ class SFTArgs:
     """Show progress bars."""
 
     def __post_init__(self) -> None:
+        for key, value in coerce_fields(type(self), {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}).items():
+            setattr(self, key, value)
         if self.method not in ("lora", "qlora", "full"):
-            raise ValueError(f"method={self.method!r}; use 'lora', 'qlora' or 'full'")
+            raise ConfigError(f"method={self.method!r}; use 'lora', 'qlora' or 'full'")
         if self.dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"dtype={self.dtype!r}; use 'float32' or 'bfloat16'")
+            raise ConfigError(f"dtype={self.dtype!r}; use 'float32' or 'bfloat16'")
         if self.train_file is None and self.task is None:
-            raise ValueError("no data: set task (a built-in task) or train_file (a JSONL file)")
+            raise ConfigError("no data: set task (a built-in task) or train_file (a JSONL file)")
         if self.val_file and self.val_fraction:
-            raise ValueError("set val_file or val_fraction, not both")
-        for name in ("batch_size", "grad_accum", "max_steps", "max_length"):
+            raise ConfigError("set val_file or val_fraction, not both")
+        for name in ("r", "batch_size", "grad_accum", "max_steps", "max_length"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)!r} must be at least 1")
+                raise ConfigError(f"{name}={getattr(self, name)!r} must be at least 1")
+        for name in ("n_train", "n_eval", "warmup_steps", "eval_every", "val_loss_rows", "early_stopping_patience",
+                     "save_every", "threads", "seed"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}={getattr(self, name)!r} must be 0 or more")
+        check_range("lr", self.lr, low=0, low_open=True, fix="a LoRA run usually takes 1e-4 to 2e-3")
+        check_range("lora_alpha", self.lora_alpha, low=0, low_open=True, fix="a common choice is 2 × r")
+        check_range("lora_dropout", self.lora_dropout, low=0, high=1, high_open=True)
+        check_range("min_lr_ratio", self.min_lr_ratio, low=0, high=1)
+        check_range("weight_decay", self.weight_decay, low=0)
+        check_range("val_fraction", self.val_fraction, low=0, high=1, high_open=True)
+        check_range("max_grad_norm", self.max_grad_norm, low=0, fix="0 disables clipping")
+        if not str(self.output_dir).strip():
+            raise ConfigError("output_dir='' is empty; name a directory such as runs/sft")
 
 
 @dataclass
@@ -135,15 +152,23 @@ class DPOArgs(SFTArgs):
     lr: float = 5e-4
     output_dir: str = "runs/dpo"
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_range("beta", self.beta, low=0, low_open=True, fix="DPO papers use 0.1 to 0.5")
 
-def _coerce(value: str, annotation: Any) -> Any:
-    """Turn a ``--set key=value`` string into the field's type (YAML rules: numbers, booleans, lists, null)."""
+
+def _coerce(value: str, annotation: Any, name: str) -> Any:
+    """A ``--set key=value`` string as the field's type: read with YAML's rules (numbers, booleans, lists, null),
+    then coerced to the annotation, so ``lr=1e-3`` is a float although YAML 1.1 reads ``1e-3`` as text."""
     import yaml
 
-    parsed = yaml.safe_load(value)
-    if annotation in (str, "str") and parsed is not None:
-        return str(value)
-    return parsed
+    if annotation is str:
+        return value
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError:
+        parsed = value
+    return coerce(parsed, annotation, name)
 
 
 def parse_overrides(cls: type, overrides: list[str]) -> dict[str, Any]:
@@ -153,9 +178,12 @@ def parse_overrides(cls: type, overrides: list[str]) -> dict[str, Any]:
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep:
-            raise ValueError(f"override {item!r} is not key=value")
+            raise ConfigError(f"override {item!r} is not key=value (e.g. lr=1e-4)")
         _check_key(cls, key.strip())
-        out[key.strip()] = _coerce(value, hints.get(key.strip()))
+        try:
+            out[key.strip()] = _coerce(value, hints.get(key.strip(), Any), key.strip())
+        except ConfigError as err:
+            raise ConfigError(f"--set {err}") from None
     return out
 
 
@@ -164,24 +192,61 @@ def _check_key(cls: type, key: str) -> None:
     if key not in names:
         close = difflib.get_close_matches(key, names, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(names)}"
-        raise ValueError(f"unknown key {key!r} for {cls.__name__}{hint}")
+        raise ConfigError(f"unknown key {key!r} for {cls.__name__}{hint}")
 
 
 def load_args(cls: type, path: str | Path | None = None, overrides: list[str] | None = None) -> Any:
     """Build ``cls`` from a YAML file (keys = field names) plus ``key=value`` overrides.
 
     Raises:
-        ValueError: for an unknown key (with the closest field), or a file that is not a YAML mapping.
+        ConfigError: (a ValueError) for an unknown key (with the closest field), a value of the wrong type or
+            range (naming field, value and fix), a duplicate key, or a file that is not a YAML mapping.
     """
     import yaml
 
     data: dict[str, Any] = {}
     if path is not None:
-        loaded = yaml.safe_load(Path(path).read_text())
+        loaded = _read_yaml(Path(path))
         if loaded is not None and not isinstance(loaded, dict):
-            raise ValueError(f"{path}: a config file is a mapping of field: value, got {type(loaded).__name__}")
+            raise ConfigError(f"{path}: a config file is a mapping of field: value, got {type(loaded).__name__}")
         data = dict(loaded or {})
         for key in data:
-            _check_key(cls, key)
+            try:
+                _check_key(cls, str(key))
+            except ConfigError as err:
+                raise ConfigError(f"{path}: {err}") from None
+        data = coerce_fields(cls, data, source=str(path))
     data.update(parse_overrides(cls, overrides or []))
-    return cls(**data)
+    try:
+        return cls(**data)
+    except ConfigError as err:
+        where = f"{path}" + (f" with --set {' '.join(overrides)}" if overrides else "") if path is not None else ""
+        raise ConfigError(f"{where}: {err}" if where else str(err)) from None
+
+
+def _read_yaml(path: Path) -> Any:
+    """``path``'s YAML, refusing a key written twice (PyYAML would silently keep the last one)."""
+    import yaml
+
+    class _StrictLoader(yaml.SafeLoader):
+        pass
+
+    def mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node)
+            if key in seen:
+                raise ConfigError(f"{path}: key {key!r} appears twice (lines {seen[key]} and "
+                                  f"{key_node.start_mark.line + 1}); keep one")
+            seen[key] = key_node.start_mark.line + 1
+        return loader.construct_mapping(node)
+
+    _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
