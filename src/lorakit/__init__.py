@@ -21,6 +21,7 @@ from .merge import MergeReport, save_merged, verify_merge
 from .models import EMBEDDED_NAME, load_model
 from .peft_format import adapter_state_dict, from_pretrained, load_adapter, save_adapter
 from .recompute import recompute_cheap_activations, stop_recomputing
+from .weighted import add_weighted_adapter
 from . import optim, quant  # noqa: E402  (subpackages used as lorakit.optim / lorakit.quant)
 
 __version__ = "0.1.0"
@@ -35,6 +36,7 @@ __all__ = [
     "adapter_configs",
     "adapter_state_dict",
     "add_adapter",
+    "add_weighted_adapter",
     "delete_adapter",
     "disable_adapter",
     "from_pretrained",

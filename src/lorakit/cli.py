@@ -229,6 +229,34 @@ def _merge(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _combine(ns: argparse.Namespace) -> int:
+    import torch
+
+    import lorakit
+    from .weighted import COMBINATION_TYPES
+
+    weights = ns.weights if ns.weights else [1.0] * len(ns.adapters)
+    if len(weights) != len(ns.adapters):
+        raise ValueError(f"--weights has {len(weights)} values for {len(ns.adapters)} adapters; give one per adapter")
+    if ns.type not in COMBINATION_TYPES:
+        raise ValueError(f"--type {ns.type!r}; use one of {', '.join(COMBINATION_TYPES)}")
+    out = Path(ns.output)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"--output {out} exists and is not empty; pick a new directory")
+    _quiet_loading()
+    model, _ = lorakit.load_model(ns.model)
+    names = [f"source{i}" for i in range(len(ns.adapters))]
+    for name, path in zip(names, ns.adapters):
+        lorakit.load_adapter(model, path, adapter_name=name)
+    generator = torch.Generator().manual_seed(ns.seed)
+    lorakit.add_weighted_adapter(model, names, weights, "combined", combination_type=ns.type, svd_rank=ns.svd_rank,
+                                 density=ns.density, majority_sign_method=ns.majority_sign, generator=generator)
+    lorakit.save_adapter(model, out, adapter_name="combined")
+    config = lorakit.adapter_configs(model)["combined"]
+    print(f"combined {len(names)} adapters ({ns.type}, weights {weights}) into rank {config.r}: {out}")
+    return 0
+
+
 def _inspect(ns: argparse.Namespace) -> int:
     import json
 
@@ -324,6 +352,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=_DTYPES, help="saved dtype (default: the base's config.json dtype)")
     p.add_argument("--tolerance", type=float,
                    help="largest accepted |logit difference| (default: 2e-5 × max |logit|, at least 1e-4)")
+
+    p = command("combine", _combine, "a new adapter from weighted adapters (PEFT's add_weighted_adapter)")
+    p.add_argument("adapters", nargs="+", metavar="ADAPTER_DIR")
+    p.add_argument("--output", required=True, metavar="DIR", help="directory for the combined adapter (new or empty)")
+    p.add_argument("--weights", type=float, nargs="+", metavar="W", help="one weight per adapter (default: all 1)")
+    p.add_argument("--type", default="svd", metavar="TYPE",
+                   help="linear, cat, svd, ties, dare_linear, dare_ties, magnitude_prune, or an *_svd variant "
+                        "(default: svd, exact up to its rank; cat is exact at rank Σ r)")
+    p.add_argument("--density", type=float, help="fraction of entries kept by ties / dare_* / magnitude_prune")
+    p.add_argument("--svd-rank", type=int, help="rank of an svd result (default: the largest source rank)")
+    p.add_argument("--majority-sign", choices=("total", "frequency"), default="total", help="TIES sign election")
+    p.add_argument("--seed", type=int, default=0, help="seed of DARE's random masks (default: 0)")
+    p.add_argument("--model", default=EMBEDDED_NAME, help=f"base model the adapters were trained on (default: "
+                                                          f"{EMBEDDED_NAME})")
 
     p = command("inspect", _inspect, "what an adapter directory holds; with --model, whether it fits that base")
     p.add_argument("adapter_dir", metavar="ADAPTER_DIR")

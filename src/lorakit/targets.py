@@ -18,10 +18,14 @@ from torch import nn
 from .base import is_supported_base
 from .config import LoraConfig
 
-__all__ = ["resolve_targets", "select_targets", "output_head_paths", "matches", "is_linear_like", "DEFAULT_TARGETS"]
+__all__ = ["resolve_targets", "select_targets", "output_head_paths", "matches", "is_linear_like", "DEFAULT_TARGETS",
+           "minimal_target_list", "expanded_target_modules"]
 
 #: PEFT's default for Llama-style models when ``target_modules`` is None.
 DEFAULT_TARGETS = ["q_proj", "v_proj"]
+
+#: From this many targets on, a saved list is shortened to the suffixes that tell them apart (as PEFT does).
+MIN_TARGETS_TO_SHORTEN = 20
 
 _LAYER_INDEX = re.compile(r".*?\.[^.]*\.(\d+)\.")
 
@@ -107,3 +111,47 @@ def select_targets(named: list[tuple[str, nn.Module]], cfg: LoraConfig, heads: s
             f"{names[:20]}; pick from those or use 'all-linear'"
         )
     return chosen
+
+
+def minimal_target_list(targets: list[str], others: list[str]) -> list[str]:
+    """The shortest ``.``-suffixes that select every path of ``targets`` and none of ``others``, sorted.
+
+    Each target contributes its shortest suffix that is not also a suffix of another module (``q_proj`` for every
+    ``model.layers.<i>.self_attn.q_proj`` of a Llama), unless a suffix already chosen covers it.
+    """
+    def suffixes(path: str) -> list[str]:
+        parts = path.split(".")
+        return [".".join(parts[i:]) for i in range(len(parts) - 1, -1, -1)]  # shortest first
+
+    taken = {s for path in others for s in suffixes(path)}
+    chosen: set[str] = set()
+    for path in sorted(targets, key=suffixes):
+        if any(path == c or path.endswith("." + c) for c in chosen):
+            continue
+        chosen.add(next((s for s in suffixes(path) if s not in taken), path))
+    return sorted(chosen)
+
+
+def expanded_target_modules(model: nn.Module, adapter_name: str) -> list[str]:
+    """``target_modules`` as an explicit list for the layers that hold ``adapter_name`` (what PEFT saves for
+    ``"all-linear"``): the module paths, shortened to their distinguishing suffixes from
+    :data:`MIN_TARGETS_TO_SHORTEN` paths on.
+
+    Raises:
+        ValueError: if no layer holds the adapter.
+    """
+    from .layer import LoraLinear
+    from .modules_to_save import ModulesToSave
+
+    wrappers = [(p, m) for p, m in model.named_modules() if isinstance(m, (LoraLinear, ModulesToSave))]
+    inside = tuple(p + "." for p, _ in wrappers)
+    targets = [p for p, m in wrappers if isinstance(m, LoraLinear) and adapter_name in m.lora_A]
+    if not targets:
+        raise ValueError(f"no LoRA layer of {type(model).__name__} holds adapter {adapter_name!r}")
+    if len(targets) < MIN_TARGETS_TO_SHORTEN:
+        return sorted(targets)
+    wanted = set(targets)
+    others = [p for p, _ in model.named_modules() if p and p not in wanted and not p.startswith(inside)]
+    short = minimal_target_list(targets, others)
+    exact = all(matches(short, p) for p in targets) and not any(matches(short, p) for p in others)
+    return short if exact else sorted(targets)  # a path that is a suffix of another module's: keep full paths
