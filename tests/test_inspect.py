@@ -24,7 +24,8 @@ def _config(tmp_path, name, **overrides):
 
 def test_inspect_counts(adapter_dir):
     info = inspect_adapter(adapter_dir)
-    assert (info["r"], info["lora_alpha"], info["target_modules"]) == (4, 8, "all-linear")
+    assert (info["r"], info["lora_alpha"]) == (4, 8)
+    assert len(info["target_modules"]) == 14  # "all-linear" is saved as the 14 layers it chose, as PEFT writes it
     assert info["n_tensors"] == 2 * 7 * 2  # A and B × 7 linear layers × 2 decoder layers
     # per layer: q, o 4·(32+32); k, v 4·(32+16); gate, up, down 4·(32+48) → 1856; × 2 layers
     assert info["n_parameters"] == 2 * (2 * 256 + 2 * 192 + 3 * 320) == 3712
