@@ -115,30 +115,66 @@ def _load(ns: argparse.Namespace):
     return model.eval(), tokenizer
 
 
-def _prompt(messages: list[dict], tokenizer):
-    # Without a chat template the last message is sent as plain text.
-    return messages if getattr(tokenizer, "chat_template", None) else messages[-1]["content"]
+def _prompt_format(ns: argparse.Namespace, tokenizer, rows: list[dict] | None = None):
+    """The prompt format for this command: ``--raw`` / ``--chat``, else the one recorded in the (first active)
+    adapter directory, else the rows' own (``--data``), else the chat template when the tokenizer has one."""
+    from .data.prompt_format import PromptFormat, choose_prompt_format, load_prompt_format
+
+    dirs, names = ns.adapter or [], ns.adapter_name or []
+    active = ns.active.split(",") if getattr(ns, "active", None) else None
+    if dirs and active != ["none"]:
+        if active and names:
+            dirs = [d for d, n in zip(dirs, names) if n in active] or dirs
+    recorded = load_prompt_format(dirs[0]) if dirs and active != ["none"] else None
+    system = getattr(ns, "system", None)
+    if ns.raw:
+        if system is not None:
+            raise ValueError("--system needs the chat template; drop --raw or --system")
+        return PromptFormat("raw")
+    if ns.chat or (system is not None and recorded is None and rows is None):
+        return PromptFormat("chat", system if system is not None else (recorded.system if recorded else None))
+    if recorded is not None:
+        if system is not None:
+            if recorded.format == "raw":
+                raise ValueError(f"{dirs[0]} was trained on raw prompts (no chat template, no system message); "
+                                 "pass --chat with --system to use the template anyway")
+            return PromptFormat("chat", system)
+        return recorded
+    if rows is not None:
+        return choose_prompt_format(rows, "auto", system)
+    return PromptFormat("chat" if getattr(tokenizer, "chat_template", None) else "raw")
+
+
+def _columns(text: str | None) -> dict[str, str] | None:
+    if not text:
+        return None
+    pairs = [item.partition("=") for item in text.split(",")]
+    if any(not sep or not k.strip() or not v.strip() for k, sep, v in pairs):
+        raise ValueError(f"--columns {text!r}: write lorakit_key=your_column pairs, e.g. prompt=query,completion=label")
+    return {k.strip(): v.strip() for k, _, v in pairs}
 
 
 def _generate(ns: argparse.Namespace) -> int:
+    from .data.prompt_format import render_prompt
     from .evaluate import generate_answers
 
     model, tokenizer = _load(ns)
-    messages = ([{"role": "system", "content": ns.system}] if ns.system else [])
-    messages.append({"role": "user", "content": ns.prompt})
-    print(generate_answers(model, tokenizer, [_prompt(messages, tokenizer)], max_new_tokens=ns.max_new_tokens)[0])
+    fmt = _prompt_format(ns, tokenizer)
+    print(generate_answers(model, tokenizer, [render_prompt(ns.prompt, fmt)], max_new_tokens=ns.max_new_tokens)[0])
     return 0
 
 
 def _chat(ns: argparse.Namespace) -> int:
+    from .data.prompt_format import render_prompt
     from .evaluate import generate_answers
 
     model, tokenizer = _load(ns)
-    system = [{"role": "system", "content": ns.system}] if ns.system else []
-    history = list(system)
+    fmt = _prompt_format(ns, tokenizer)
+    history: list[dict] = []  # raw prompts keep no history: each line is a prompt of its own
     interactive = sys.stdin.isatty()
     if interactive:
-        print("type a message; /reset clears the conversation, Ctrl-D quits", file=sys.stderr)
+        print(f"prompts: {fmt.describe()}; type a message; /reset clears the conversation, Ctrl-D quits",
+              file=sys.stderr)
     while True:
         if interactive:
             print("> ", end="", flush=True, file=sys.stderr)
@@ -147,50 +183,65 @@ def _chat(ns: argparse.Namespace) -> int:
             return 0
         text = line.strip()
         if text == "/reset":
-            history = list(system)
+            history = []
         if text in ("", "/reset"):
             continue
-        history.append({"role": "user", "content": text})
-        reply = generate_answers(model, tokenizer, [_prompt(history, tokenizer)], max_new_tokens=ns.max_new_tokens)[0]
-        history.append({"role": "assistant", "content": reply})
+        if fmt.format == "raw":
+            prompt = text
+        else:
+            history.append({"role": "user", "content": text})
+            prompt = render_prompt(history, fmt)
+        reply = generate_answers(model, tokenizer, [prompt], max_new_tokens=ns.max_new_tokens)[0]
+        if fmt.format == "chat":
+            history.append({"role": "assistant", "content": reply})
         print(reply, flush=True)
 
 
 def _eval(ns: argparse.Namespace) -> int:
-    from .data import load_rows
-    from .evaluate import exact_match, validation_loss
-    from .tasks import get_task, make_split, score_exact
+    import torch
 
+    from .data import load_rows
+    from .data.prompt_format import apply_prompt_format
+    from .evaluate import validation_loss
+    from .scoring import format_failures, score_rows, scorable_rows, write_predictions
+    from .tasks import get_metric, get_task, make_split
+
+    metric = get_metric(ns.metric) if ns.metric else None  # a typo fails here, before the model loads
     if ns.data:
-        loaded = load_rows(ns.data, formats=("prompt_completion", "messages", "text"))
-        rows, score, source = loaded.rows[: ns.n], score_exact, f"{ns.data} ({loaded.format} rows)"
-        scored = _answer_rows(rows, loaded.format)
+        loaded = load_rows(ns.data, formats=("prompt_completion", "messages", "text"), columns=_columns(ns.columns))
+        rows = loaded.rows[: ns.n] if ns.n is not None else loaded.rows
+        source = f"{ns.data} ({loaded.format} rows)"
+        metric = metric or get_metric("exact")
     else:
         task = get_task(ns.task)  # a typo fails here, before the model loads
-        rows, score = make_split(task, 0, ns.n, seed=ns.seed)[1], task.score
-        source, scored = f"task {task.name!r} (held-out split, seed {ns.seed})", rows
+        rows = make_split(task, 0, 200 if ns.n is None else ns.n, seed=ns.seed)[1]
+        source, metric = f"task {task.name!r} (held-out split, seed {ns.seed}; --data FILE for your own rows)", \
+            metric or task.score
     if not rows:
         raise ValueError(f"no rows to evaluate in {source}; check the file or raise --n")
+    if ns.threads:
+        torch.set_num_threads(ns.threads)
     model, tokenizer = _load(ns)
+    fmt = _prompt_format(ns, tokenizer, rows if ns.data else None)
+    if ns.data:
+        rows = apply_prompt_format(rows, fmt)
     print(f"evaluating {ns.model}" + (f" + {', '.join(ns.adapter)}" if ns.adapter else "") + f" on {len(rows)} rows "
-          f"of {source}")
-    if scored:
-        accuracy, _ = exact_match(model, tokenizer, scored, score, batch_size=ns.batch_size,
-                                  max_new_tokens=ns.max_new_tokens)
-        print(f"exact-match accuracy  {100 * accuracy:.1f}% ({round(accuracy * len(scored))}/{len(scored)})")
-    print(f"validation loss       {validation_loss(model, tokenizer, rows, ns.max_length, ns.batch_size):.4f}")
+          f"of {source}" + (f"; prompts: {fmt.describe()}" if ns.data else ""))
+    if scorable_rows(rows):
+        scored = score_rows(model, tokenizer, rows, metric, batch_size=ns.batch_size,
+                            max_new_tokens=ns.max_new_tokens)
+        label = "exact-match accuracy" if ns.metric in (None, "exact") else f"score ({ns.metric})"
+        print(f"{label.ljust(21)} {100 * scored.score:.1f}% ({scored.n_correct}/{len(scored.predictions)})")
+        if ns.predictions:
+            print(f"predictions           {write_predictions(ns.predictions, scored)}")
+        failures = format_failures(scored, ns.show_failures)
+        if failures and ns.show_failures:
+            print(failures)
+    elif ns.predictions:
+        raise ValueError(f"--predictions: {source} has no answers to predict (text rows)")
+    if not ns.no_val_loss:
+        print(f"validation loss       {validation_loss(model, tokenizer, rows, ns.max_length, ns.batch_size):.4f}")
     return 0
-
-
-def _answer_rows(rows: list[dict], fmt: str | None) -> list[dict]:
-    """File rows → the ``{"prompt": messages, "completion": [assistant message]}`` rows exact_match scores."""
-    if fmt == "prompt_completion":
-        return [dict(r, completion=[{"role": "assistant", "content": r["completion"]}])
-                if isinstance(r["completion"], str) else r for r in rows]
-    if fmt == "messages":
-        return [{"prompt": r["messages"][:-1], "completion": r["messages"][-1:]} for r in rows
-                if r["messages"][-1]["role"] == "assistant" and len(r["messages"]) > 1]
-    return []  # plain text has no answer to match
 
 
 def _merge(ns: argparse.Namespace) -> int:
@@ -291,6 +342,7 @@ def _estimate(ns: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The ``lorakit`` parser (each subcommand's ``func`` is set as a default)."""
     from . import EMBEDDED_NAME, __version__
+    from .scoring import GENERATION
 
     parser = _Parser(prog="lorakit", description="LoRA / QLoRA fine-tuning of causal language models.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -315,6 +367,14 @@ def build_parser() -> argparse.ArgumentParser:
                            "for the base alone")
             p.add_argument("--quantization", choices=("nf4", "fp4", "int8"), help="quantize the base while loading")
 
+    def prompt_options(p: argparse.ArgumentParser) -> None:
+        how = p.add_mutually_exclusive_group()
+        how.add_argument("--raw", action="store_true", help="send prompts as plain text, no chat template")
+        how.add_argument("--chat", action="store_true", help="render prompts with the tokenizer's chat template")
+        p.add_argument("--system", help="system message (chat template)")
+        p.epilog = ("Prompts follow the format recorded in the adapter directory (lorakit_prompt.json, written by "
+                    "lorakit train); --raw / --chat override it.")
+
     p = command("train", _train, "fine-tune from a YAML config (keys = SFTArgs / DPOArgs fields)")
     p.add_argument("config", nargs="?", metavar="CONFIG.yaml", help="config file (default: built-in defaults)")
     p.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE", help="override config keys")
@@ -329,21 +389,32 @@ def build_parser() -> argparse.ArgumentParser:
     model_options(p)
     data = p.add_mutually_exclusive_group()
     data.add_argument("--task", default="dates", help="built-in task (default: dates)")
-    data.add_argument("--data", metavar="FILE", help="JSONL/JSON rows instead of a task")
-    p.add_argument("--n", type=int, default=200, help="rows to evaluate (default: 200, as SFTArgs.n_eval)")
+    data.add_argument("--data", metavar="FILE", help="your rows instead of a task: JSONL, JSON, CSV or Parquet, in any "
+                      "layout lorakit trains on")
+    p.add_argument("--columns", metavar="KEY=COLUMN[,KEY=COLUMN]",
+                   help="your file's column names, as the columns: mapping of a config (e.g. prompt=query,"
+                        "completion=label)")
+    p.add_argument("--n", type=int, help="rows to evaluate (default: every row of --data; 200 of a task, as "
+                   "SFTArgs.n_eval)")
     p.add_argument("--seed", type=int, default=0, help="task split seed (default: 0, as training)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--metric", help="exact (default), contains, normalized, or module:function")
+    p.add_argument("--predictions", metavar="OUT.jsonl", help="write prompt, target, prediction, correct per row")
+    p.add_argument("--show-failures", type=int, default=3, metavar="N", help="wrong answers to print (default 3)")
+    p.add_argument("--no-val-loss", action="store_true", help="skip the validation loss")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's)")
+    p.add_argument("--batch-size", type=int, default=GENERATION["batch_size"], help="rows per generation batch")
+    p.add_argument("--max-new-tokens", type=int, default=GENERATION["max_new_tokens"])
     p.add_argument("--max-length", type=int, default=256, help="tokens per row for the loss")
+    prompt_options(p)
 
-    for name, func, help in (("generate", _generate, "greedy reply to one prompt (chat template applied)"),
+    for name, func, help in (("generate", _generate, "greedy reply to one prompt (in the adapter's prompt format)"),
                              ("chat", _chat, "chat on stdin: one user turn per line until EOF")):
         p = command(name, func, help)
         model_options(p)
         if name == "generate":
             p.add_argument("prompt", metavar="PROMPT")
-        p.add_argument("--system", help="system message")
         p.add_argument("--max-new-tokens", type=int, default=128)
+        prompt_options(p)
 
     p = command("merge", _merge, "merge an adapter into its base, check the logits, save the merged model")
     model_options(p, adapters=False)

@@ -82,8 +82,10 @@ def test_mixed_formats_rejected(tmp_path):
 
 def test_formats_restriction(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [json.dumps(PC)])
-    with pytest.raises(ValueError, match="not accepted here"):
+    with pytest.raises(ValueError, match=r"d\.jsonl line 1: is a prompt_completion row, but preference tuning"):
         load_rows(path, formats=("preference",))
+    with pytest.raises(ValueError, match="not accepted here"):
+        load_rows(path, formats=("text",))
     with pytest.raises(ValueError, match="unknown row formats"):
         load_rows(path, formats=("prefs",))
 
@@ -133,3 +135,38 @@ def test_load_splits_with_separate_val_file(tmp_path):
         load_splits(train_path, other)
     train, val = load_splits(train_path, val_fraction=0.34, seed=0)
     assert len(train) == 2 and len(val) == 1
+
+
+def test_preference_rows_given_to_sft_point_to_dpo(tmp_path):
+    pref = {"prompt": "Q", "chosen": "A", "rejected": "B"}
+    path = write_jsonl(tmp_path / "p.jsonl", [json.dumps(pref)])
+    with pytest.raises(ValueError, match=r"p\.jsonl line 1: is a preference row .*lorakit train --dpo"):
+        load_rows(path, formats=("prompt_completion", "messages", "text"))
+
+
+def test_non_utf8_names_file_and_line(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(json.dumps(PC).encode() + b"\n" + '{"prompt": "caf\u00e9", "completion": "x"}'.encode("latin-1") + b"\n")
+    with pytest.raises(ValueError, match=r"latin1\.jsonl line 2: not UTF-8 text \(byte 0xe9 at column 16\)"):
+        load_rows(path)
+    with pytest.raises(ValueError, match="line 2: not UTF-8"):  # never skippable: the rest of the file is suspect
+        load_rows(path, skip_bad=True)
+
+
+def test_skipped_rows_are_listed_with_their_lines(tmp_path):
+    lines = [json.dumps(PC), "not json", json.dumps(PC), json.dumps({"oops": 1})]
+    loaded = load_rows(write_jsonl(tmp_path / "d.jsonl", lines), skip_bad=True)
+    assert loaded.n_skipped == 2
+    assert loaded.skipped[0].startswith(f"{tmp_path / 'd.jsonl'} line 2: invalid JSON")
+    assert loaded.skipped[1].startswith(f"{tmp_path / 'd.jsonl'} line 4: row has keys ['oops']")
+    assert [r.where for r in loaded.rows] == [f"{tmp_path / 'd.jsonl'} line {n}" for n in (1, 3)]
+
+
+def test_rows_keep_their_location_through_pickle_and_copy(tmp_path):
+    import copy
+    import pickle
+
+    row = load_rows(write_jsonl(tmp_path / "d.jsonl", [json.dumps(PC)])).rows[0]
+    assert row == PC and json.loads(json.dumps(row)) == PC
+    for clone in (pickle.loads(pickle.dumps(row)), copy.deepcopy(row), copy.copy(row)):
+        assert clone == PC and clone.where == row.where

@@ -104,7 +104,7 @@ def test_chat_errors(chatml_tokenizer, make_tokenizer):
     odd = "{% for m in messages %}{{ m['content'] }};{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
     with pytest.raises(ValueError, match="not prefix-stable at message 1"):
         tokenize_sft_row(row, make_tokenizer(chat_template=odd), 512)
-    with pytest.raises(ValueError, match="tokenize_preference_row"):
+    with pytest.raises(ValueError, match="preference row .*lorakit train --dpo"):
         tokenize_sft_row({"prompt": "p", "chosen": "a", "rejected": "b"}, chatml_tokenizer, 512)
     with pytest.raises(ValueError, match="max_length"):
         tokenize_sft_row(row, chatml_tokenizer, 0)
@@ -187,3 +187,18 @@ class NoOffsets:
 def test_tokenizer_without_offsets_gives_same_labels(chatml_tokenizer):
     row = {"messages": [user("hi"), bot("yo"), user("again"), bot("ok then")]}
     assert tokenize_sft_row(row, NoOffsets(chatml_tokenizer), 512) == tokenize_sft_row(row, chatml_tokenizer, 512)
+
+
+def test_dataset_names_the_file_line_of_a_row_without_trainable_token(chatml_tokenizer, tmp_path):
+    import json
+
+    from lorakit.data import load_rows
+
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join([json.dumps({"prompt": "ab", "completion": "c"}), "",
+                               json.dumps({"prompt": "a" * 50, "completion": "c"})]) + "\n")
+    rows = load_rows(path).rows
+    with pytest.raises(ValueError, match=rf"^{path} line 3: no trainable token"):  # line 3, not row 1
+        SFTDataset(rows, chatml_tokenizer, max_length=10)
+    ds = SFTDataset(rows, chatml_tokenizer, max_length=10, skip_bad=True)
+    assert ds.n_skipped == 1 and ds.skipped[0].startswith(f"{path} line 3: no trainable token")

@@ -73,22 +73,25 @@ class PreferenceDataset:
 
     Args:
         rows: preference rows. tokenizer, max_length: as in ``tokenize_preference_row``.
-        skip_bad (bool): count failing rows in ``n_skipped`` instead of raising.
+        skip_bad (bool): skip failing rows instead of raising (``skipped`` lists them, ``n_skipped`` counts them).
 
     Raises:
-        ValueError: a row fails (message starts with ``row <index>:``), unless ``skip_bad``.
+        ValueError: a row fails, unless ``skip_bad``; the message starts with the row's file and line (rows from
+            ``lorakit.data.load_rows``) or ``row <index>:``.
     """
 
     def __init__(self, rows: Sequence[dict[str, Any]], tokenizer: Any, max_length: int, *, skip_bad: bool = False):
         self.examples: list[dict[str, list[int]]] = []
-        self.n_skipped = 0
+        self.skipped: list[str] = []
         for i, row in enumerate(rows):
             try:
                 self.examples.append(tokenize_preference_row(row, tokenizer, max_length))
             except ValueError as e:
+                message = f"{getattr(row, 'where', '') or f'row {i}'}: {e}"
                 if not skip_bad:
-                    raise ValueError(f"row {i}: {e}") from None
-                self.n_skipped += 1
+                    raise ValueError(message) from None
+                self.skipped.append(message)
+        self.n_skipped = len(self.skipped)
 
     def __len__(self) -> int:
         return len(self.examples)

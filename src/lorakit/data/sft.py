@@ -157,7 +157,8 @@ def tokenize_sft_row(
         raise ValueError(f"max_length must be >= 1, got {max_length}")
     fmt = detect_format(row)
     if fmt == "preference":
-        raise ValueError("preference rows (prompt/chosen/rejected) belong to tokenize_preference_row, not SFT")
+        raise ValueError("is a preference row (prompt/chosen/rejected), which SFT cannot train on: train preference "
+                         "data with `lorakit train --dpo` (train_dpo / tokenize_preference_row)")
     if fmt == "text":
         ids = list(tokenizer(row["text"])["input_ids"]) + [_eos_id(tokenizer)]
         flags = [True] * len(ids)
@@ -184,11 +185,13 @@ class SFTDataset:
     Args:
         rows: SFT rows (``lorakit.data.load_rows(...).rows``).
         tokenizer, max_length, completion_only: as in ``tokenize_sft_row``.
-        skip_bad (bool): count rows that fail to tokenize in ``n_skipped`` instead of raising.
+        skip_bad (bool): skip rows that fail to tokenize instead of raising; ``skipped`` lists them
+            (``"<file> line <n>: <reason>"``) and ``n_skipped`` counts them.
         pack (bool): greedily pack examples into rows of up to ``max_length`` (``pack_sft``).
 
     Raises:
-        ValueError: a row fails to tokenize (message starts with ``row <index>:``), unless ``skip_bad``.
+        ValueError: a row fails to tokenize, unless ``skip_bad``. The message starts with the row's file and line
+            (rows from ``lorakit.data.load_rows``) or ``row <index>:`` (other dicts).
     """
 
     def __init__(
@@ -202,14 +205,16 @@ class SFTDataset:
         pack: bool = False,
     ) -> None:
         self.examples: list[dict[str, list[int]]] = []
-        self.n_skipped = 0
+        self.skipped: list[str] = []
         for i, row in enumerate(rows):
             try:
                 self.examples.append(tokenize_sft_row(row, tokenizer, max_length, completion_only=completion_only))
             except ValueError as e:
+                message = f"{getattr(row, 'where', '') or f'row {i}'}: {e}"
                 if not skip_bad:
-                    raise ValueError(f"row {i}: {e}") from None
-                self.n_skipped += 1
+                    raise ValueError(message) from None
+                self.skipped.append(message)
+        self.n_skipped = len(self.skipped)
         if pack:
             self.examples = pack_sft(self.examples, max_length)
 
