@@ -38,7 +38,10 @@ class _Parser(argparse.ArgumentParser):
 def _train(ns: argparse.Namespace) -> int:
     from . import train
 
-    args = train.load_args(train.DPOArgs if ns.dpo else train.SFTArgs, ns.config, ns.set)
+    from .starter import resolve_config
+
+    config = resolve_config(ns.config) if ns.config else None  # a file, or a built-in name such as sft_lora
+    args = train.load_args(train.DPOArgs if ns.dpo else train.SFTArgs, config, ns.set)
     trainer = getattr(train, "train_dpo" if ns.dpo else "train_sft", None)
     if trainer is None:
         raise ValueError(f"this lorakit build has no {'train_dpo' if ns.dpo else 'train_sft'}")
@@ -244,6 +247,16 @@ def _eval(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _init(ns: argparse.Namespace) -> int:
+    from .starter import write_starter_config
+
+    path = write_starter_config(ns.data, ns.output, method=ns.method, model=ns.model, force=ns.force)
+    with open(path, encoding="utf-8") as f:
+        print(f.readline().removeprefix("# ").rstrip())
+    print(f"wrote {path}; next: lorakit train {path}")
+    return 0
+
+
 def _merge(ns: argparse.Namespace) -> int:
     import copy
 
@@ -376,9 +389,17 @@ def build_parser() -> argparse.ArgumentParser:
                     "lorakit train); --raw / --chat override it.")
 
     p = command("train", _train, "fine-tune from a YAML config (keys = SFTArgs / DPOArgs fields)")
-    p.add_argument("config", nargs="?", metavar="CONFIG.yaml", help="config file (default: built-in defaults)")
+    p.add_argument("config", nargs="?", metavar="CONFIG", help="config file, or the name of a built-in config "
+                   "(sft_lora, sft_qlora, sft_olora, dpo_lora); default: SFTArgs' defaults")
     p.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE", help="override config keys")
     p.add_argument("--dpo", action="store_true", help="preference tuning (DPOArgs, train_dpo)")
+
+    p = command("init", _init, "write an annotated starter config for your data file (checked first)")
+    p.add_argument("data", metavar="DATA", help="your rows: JSONL, JSON, CSV or Parquet")
+    p.add_argument("--output", "-o", default="lorakit.yaml", help="config to write (default: lorakit.yaml)")
+    p.add_argument("--method", choices=("lora", "qlora"), default="lora", help="starting point (default: lora)")
+    p.add_argument("--model", help="base model (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--force", action="store_true", help="replace an existing --output")
 
     p = command("demo", _demo, "LoRA on the date task with the embedded model: accuracy before and after")
     p.add_argument("--steps", type=int, help="optimizer steps (default: SFTArgs.max_steps)")
@@ -500,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(done.code or 0)
     try:
         return ns.func(ns)
-    except (ValueError, FileNotFoundError, NotADirectoryError, yaml.YAMLError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, yaml.YAMLError) as err:
         if ns.debug:
             raise
         print(f"lorakit: error: {_one_line(err)}", file=sys.stderr)
