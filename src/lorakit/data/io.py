@@ -312,7 +312,7 @@ def load_splits(
     train_path: str | Path,
     val_path: str | Path | None = None,
     *,
-    val_fraction: float = 0.0,
+    val_fraction: float | None = 0.0,
     seed: int = 0,
     skip_bad: bool = False,
     formats: Sequence[str] | None = None,
@@ -324,6 +324,7 @@ def load_splits(
         ValueError: both ``val_path`` and ``val_fraction > 0`` are given, the two files have
             different row formats, or any error of ``load_rows`` / ``train_val_split``.
     """
+    val_fraction = val_fraction or 0.0  # None (SFTArgs' "not set") holds nothing out here
     if val_path is not None and val_fraction > 0:
         raise ValueError("give either val_path or val_fraction > 0, not both")
     train = load_rows(train_path, skip_bad=skip_bad, formats=formats, columns=columns)
