@@ -193,7 +193,8 @@ def test_merge_refuses_to_write_a_bad_merge(capsys, monkeypatch, tiny, tmp_path)
         return merged
 
     monkeypatch.setattr(lorakit, "merge_and_unload", broken)
-    code, out, err = run(capsys, "merge", "--model", base, "--adapter", adapter, "--output", tmp_path / "m")
+    code, out, err = run(capsys, "merge", "--model", base, "--adapter", adapter, "--output", tmp_path / "m",
+                         "--verify", "logits")
     assert code == 1 and not (tmp_path / "m").exists()
     assert err.count("\n") == 1 and "nothing written" in err and "TOO LARGE" in out
 

@@ -258,22 +258,50 @@ def _init(ns: argparse.Namespace) -> int:
 
 
 def _merge(ns: argparse.Namespace) -> int:
+    from .merge_plan import resolve_base
+    from .merge_to_disk import MergeCheckError, check_output_path, merge_to_disk
+
+    base_dir = resolve_base(ns.model)
+    weights = ns.weight or [1.0] * len(ns.adapter)
+    if len(weights) != len(ns.adapter):
+        raise ValueError(f"{len(ns.adapter)} --adapter and {len(weights)} --weight given; give one --weight per "
+                         "--adapter, in order (or none: every weight 1)")
+    protected = [("base model", base_dir)] + [("adapter", Path(a)) for a in ns.adapter]
+    output = check_output_path(ns.output, protected, ns.overwrite)
+    if ns.verify != "logits" and any(base_dir.glob("*.safetensors")):
+        try:
+            result = merge_to_disk(base_dir, list(zip(ns.adapter, weights)), output, ns.dtype,
+                                   verify=ns.verify == "probe", overwrite=ns.overwrite,
+                                   max_shard_size=_size(ns.max_shard_size) if ns.max_shard_size else None)
+        except MergeCheckError as err:
+            print(f"lorakit: error: {_one_line(err)}", file=sys.stderr)
+            return 1
+        print(result)
+        return 0
+    return _merge_in_memory(ns, base_dir, output, weights)
+
+
+def _merge_in_memory(ns: argparse.Namespace, base_dir: Path, output: Path, weights: list[float]) -> int:
+    """``--verify logits``: load base + adapter, merge a copy, compare the logits, save (atomically)."""
     import copy
+    import os
 
     import torch
 
     import lorakit
+    from .atomic import atomic_dir
     from .data import encode_prompt
     from .estimate import read_config
 
-    if Path(ns.output).resolve() == Path(ns.model).resolve():
-        raise ValueError(f"--output {ns.output} is the base model's directory; write the merged model elsewhere")
-    base_config = read_config(ns.model)
+    if len(ns.adapter) != 1 or weights != [1.0]:
+        raise ValueError("--verify logits merges one adapter with weight 1; merge several (or weighted) adapters "
+                         "with the default streamed merge (--verify probe)")
+    base_config = read_config(base_dir)
     trained = base_config.get("dtype") or base_config.get("torch_dtype")
     dtype_name = ns.dtype or (trained if trained in _DTYPES else "float32")
     _quiet_loading()
-    model, tokenizer = lorakit.load_model(ns.model, dtype=torch.float32)  # merge in float32, cast when saving
-    lorakit.load_adapter(model, ns.adapter)
+    model, tokenizer = lorakit.load_model(base_dir, dtype=torch.float32)  # merge in float32, cast when saving
+    lorakit.load_adapter(model, ns.adapter[0])
     model.eval()
     merged = lorakit.merge_and_unload(copy.deepcopy(model), safe_merge=True)
     prompts = [encode_prompt([{"role": "user", "content": p}] if tokenizer.chat_template else p, tokenizer)
@@ -288,9 +316,34 @@ def _merge(ns: argparse.Namespace) -> int:
         print(f"lorakit: error: merged model differs from base + adapter beyond tolerance "
               f"({report.max_abs_diff:.3e} > {report.tolerance:.1e}); nothing written to {ns.output}", file=sys.stderr)
         return 1
-    lorakit.save_merged(merged, ns.output, tokenizer, getattr(torch, dtype_name))
+    mode = 0o666 & ~_umask()
+    with atomic_dir(output) as tmp:
+        lorakit.save_merged(merged, tmp, tokenizer, getattr(torch, dtype_name))
+        for path in tmp.rglob("*"):
+            if path.is_file():
+                os.chmod(path, mode)  # save_pretrained writes some files 0600; the output gets one mode
     print(f"merged model ({dtype_name}) written to {ns.output}")
     return 0
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _size(text: str) -> int:
+    """``"5GB"``, ``"500MB"``, ``"2000000"`` → bytes (decimal units, as transformers' max_shard_size)."""
+    units = {"TB": 10**12, "GB": 10**9, "MB": 10**6, "KB": 10**3, "B": 1}
+    t = text.strip().upper()
+    for unit, factor in units.items():
+        if t.endswith(unit) and t[: -len(unit)].strip().replace(".", "", 1).isdigit():
+            return int(float(t[: -len(unit)]) * factor)
+    if t.isdigit():
+        return int(t)
+    raise ValueError(f"--max-shard-size {text!r} is not a size; write e.g. 5GB, 500MB or a number of bytes")
 
 
 def _combine(ns: argparse.Namespace) -> int:
@@ -437,13 +490,21 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--max-new-tokens", type=int, default=128)
         prompt_options(p)
 
-    p = command("merge", _merge, "merge an adapter into its base, check the logits, save the merged model")
+    p = command("merge", _merge, "merge adapters into their base and save the merged model (streamed, verified)")
     model_options(p, adapters=False)
-    p.add_argument("--adapter", required=True, metavar="DIR")
+    p.add_argument("--adapter", required=True, action="append", metavar="DIR", help="adapter directory (repeatable)")
+    p.add_argument("--weight", action="append", type=float, metavar="W",
+                   help="weight of each --adapter's update, in order (default: 1 each)")
     p.add_argument("--output", required=True, metavar="DIR")
-    p.add_argument("--dtype", choices=_DTYPES, help="saved dtype (default: the base's config.json dtype)")
-    p.add_argument("--tolerance", type=float,
-                   help="largest accepted |logit difference| (default: 2e-5 × max |logit|, at least 1e-4)")
+    p.add_argument("--dtype", choices=_DTYPES, help="saved dtype (default: the base's config.json dtype; bfloat16 "
+                   "for a 4-bit base)")
+    p.add_argument("--verify", choices=("probe", "logits", "none"), default="probe",
+                   help="probe: streamed merge, every merged weight checked on random vectors (default); logits: "
+                   "load the whole model, compare base + adapter with the merged model's logits; none: no check")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --output as a whole")
+    p.add_argument("--max-shard-size", metavar="SIZE", help="e.g. 2GB (default: the base's own shard layout)")
+    p.add_argument("--tolerance", type=float, help="--verify logits: largest accepted |logit difference| (default: "
+                   "2e-5 × max |logit|, at least 1e-4)")
 
     p = command("combine", _combine, "a new adapter from weighted adapters (PEFT's add_weighted_adapter)")
     p.add_argument("adapters", nargs="+", metavar="ADAPTER_DIR")

@@ -21,7 +21,7 @@ import torch
 from .base import dense_weight, set_dense_weight
 from .layer import LoraLinear
 
-__all__ = ["init_from_base", "to_plain_lora"]
+__all__ = ["init_from_base", "to_plain_lora", "decompose"]
 
 
 @torch.no_grad()
@@ -36,23 +36,31 @@ def init_from_base(layer: LoraLinear, name: str, method: str) -> None:
     """
     r, scaling = layer.r[name], layer.scaling[name]
     weight = dense_weight(layer.base_layer).to(torch.float32)  # (out, in)
-    if r > min(weight.shape):
-        raise ValueError(f"r={r} exceeds min(out, in)={min(weight.shape)} for {method}; lower the rank")
-    if method == "olora":
-        q, rr = torch.linalg.qr(weight)  # q (out, k), rr (k, in)
-        B, A = q[:, :r], rr[:r]
-    elif method == "pissa":
-        u, s, vh = torch.linalg.svd(weight, full_matrices=False)
-        root = torch.sqrt(s[:r] / scaling)
-        B, A = u[:, :r] * root, root[:, None] * vh[:r]
-    else:
-        raise ValueError(f"init method {method!r} is not 'olora' or 'pissa'")
+    A, B = decompose(weight, r, scaling, method)
     lora_A, lora_B = layer.lora_A[name].weight, layer.lora_B[name].weight
     lora_A.copy_(A.to(lora_A.dtype))
     lora_B.copy_(B.to(lora_B.dtype))
     layer.initial_weights[name] = (lora_A.detach().clone(), lora_B.detach().clone())
     # Subtract what the adapter contributes (in its stored dtype) so base + adapter reproduces W.
     set_dense_weight(layer.base_layer, weight - scaling * (lora_B.float() @ lora_A.float()))
+
+
+def decompose(weight: torch.Tensor, r: int, scaling: float, method: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The initial ``(A, B)`` of OLoRA (``"olora"``) or PiSSA (``"pissa"``) for a float32 (out, in) ``weight``.
+
+    Raises:
+        ValueError: for an unknown method, or a rank larger than ``min(in, out)``.
+    """
+    if r > min(weight.shape):
+        raise ValueError(f"r={r} exceeds min(out, in)={min(weight.shape)} for {method}; lower the rank")
+    if method == "olora":
+        q, rr = torch.linalg.qr(weight)  # q (out, k), rr (k, in)
+        return rr[:r], q[:, :r]
+    if method == "pissa":
+        u, s, vh = torch.linalg.svd(weight, full_matrices=False)
+        root = torch.sqrt(s[:r] / scaling)
+        return root[:, None] * vh[:r], u[:, :r] * root
+    raise ValueError(f"init method {method!r} is not 'olora' or 'pissa'")
 
 
 def to_plain_lora(lora_A: torch.Tensor, lora_B: torch.Tensor, init_A: torch.Tensor, init_B: torch.Tensor
