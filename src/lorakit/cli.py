@@ -258,6 +258,7 @@ def _init(ns: argparse.Namespace) -> int:
 
 
 def _merge(ns: argparse.Namespace) -> int:
+    from .config import LoraConfig
     from .merge_plan import resolve_base
     from .merge_to_disk import MergeCheckError, check_output_path, merge_to_disk
 
@@ -266,6 +267,8 @@ def _merge(ns: argparse.Namespace) -> int:
     if len(weights) != len(ns.adapter):
         raise ValueError(f"{len(ns.adapter)} --adapter and {len(weights)} --weight given; give one --weight per "
                          "--adapter, in order (or none: every weight 1)")
+    for adapter in ns.adapter:
+        LoraConfig.load(adapter)  # a missing or unreadable adapter is named before anything else
     protected = [("base model", base_dir)] + [("adapter", Path(a)) for a in ns.adapter]
     output = check_output_path(ns.output, protected, ns.overwrite)
     if ns.verify != "logits" and any(base_dir.glob("*.safetensors")):
