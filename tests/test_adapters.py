@@ -1,5 +1,7 @@
 """Several named adapters: switching, disabling, deleting, what trains."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -113,3 +115,90 @@ def test_set_adapter_without_touching_trainability(tiny_llama, input_ids):
     set_adapter(tiny_llama, "b", trainable=False)
     assert {n for n, p in tiny_llama.named_parameters() if p.requires_grad} == before  # still adapter "a"'s
     assert not torch.allclose(tiny_llama(input_ids).logits, out_a)  # but "b" computes
+
+
+@pytest.mark.parametrize("names", [["a", "a"], ["a", "b", "a"]])
+def test_set_adapter_refuses_a_name_twice(tiny_llama, input_ids, names):
+    # issue 12 item 8: set_adapter(model, ["default", "default"]) applied the adapter twice
+    _two(tiny_llama)
+    out = tiny_llama(input_ids).logits
+    with pytest.raises(ValueError, match=r"\['a'\] named more than once"):
+        set_adapter(tiny_llama, names)
+    assert active_adapters(tiny_llama) == ["a"]
+    torch.testing.assert_close(tiny_llama(input_ids).logits, out, atol=0, rtol=0)
+
+
+def _quantized(quant):
+    from lorakit.quant import quantize_model_
+    from lorakit_testing import make_tiny_llama
+
+    model = make_tiny_llama(intermediate_size=64)
+    quantize_model_(model, quant, compute_dtype=torch.float32)
+    add_adapter(model, LoraConfig(target_modules="all-linear", init_lora_weights=False))
+    return model
+
+
+@pytest.mark.parametrize("quant", ["nf4", "int8"])
+def test_unmerge_on_a_quantized_base_restores_it_bit_for_bit(input_ids, quant):
+    # issue 12 "Numbers": unmerge on an NF4 base changed logits with no warning
+    model = _quantized(quant)
+    buffers = {k: v.clone() for k, v in model.state_dict().items()}
+    out = model(input_ids).logits
+    with pytest.warns(UserWarning, match="re-quantization"):
+        merge_adapter(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        unmerge_adapter(model)
+    after = model.state_dict()
+    assert sorted(after) == sorted(buffers) and all(torch.equal(after[k], v) for k, v in buffers.items())
+    assert torch.equal(model(input_ids).logits, out)
+
+
+def test_unmerging_part_of_a_quantized_merge_warns():
+    model = _quantized("nf4")
+    add_adapter(model, LoraConfig(target_modules=["q_proj"], init_lora_weights=False), "b")
+    set_adapter(model, ["default", "b"])
+    with pytest.warns(UserWarning):
+        merge_adapter(model)
+    with pytest.warns(UserWarning, match="could not restore the exact base weights"):
+        set_adapter(model, "default")  # unmerges "b" only
+
+
+def test_bf16_merge_unmerge_warns_with_the_drift(tiny_llama):
+    # issue 12 "Numbers": bf16 merge -> unmerge drifted the base silently
+    tiny_llama.to(torch.bfloat16)
+    add_adapter(tiny_llama, LoraConfig(target_modules="all-linear", init_lora_weights=False))
+    weight = tiny_llama.model.layers[0].mlp.up_proj.base_layer.weight.clone()
+    merge_adapter(tiny_llama)
+    with pytest.warns(UserWarning, match="could not restore the exact base weights") as record:
+        unmerge_adapter(tiny_llama)
+    drift = (tiny_llama.model.layers[0].mlp.up_proj.base_layer.weight.float() - weight.float()).abs().max().item()
+    assert drift > 0
+    reported = float(str(record[0].message).split("up to ")[1].split(" ")[0])
+    assert reported >= drift * (1 - 1e-3)  # the message rounds to 4 digits
+
+
+def test_backward_while_merged_is_a_clear_error(tiny_llama, input_ids):
+    add_adapter(tiny_llama, LoraConfig(init_lora_weights=False))
+    tiny_llama.train()
+    merge_adapter(tiny_llama)
+    loss = tiny_llama(input_ids).logits.sum()
+    with pytest.raises(RuntimeError, match="merged into the base weights.*unmerge_adapter"):
+        loss.backward()
+    with torch.no_grad():  # inference while merged is fine
+        tiny_llama(input_ids)
+    unmerge_adapter(tiny_llama)
+    tiny_llama(input_ids).logits.sum().backward()  # and training after unmerge works
+    assert tiny_llama.model.layers[0].self_attn.q_proj.lora_A["default"].weight.grad is not None
+
+
+def test_merge_refuses_nan_adapter_and_leaves_every_layer(tiny_llama):
+    add_adapter(tiny_llama, LoraConfig(target_modules="all-linear", init_lora_weights=False))
+    with torch.no_grad():
+        tiny_llama.model.layers[1].mlp.down_proj.lora_A["default"].weight[0, 0] = float("nan")
+    before = {k: v.clone() for k, v in tiny_llama.state_dict().items()}
+    with pytest.raises(ValueError, match="layers.1.mlp.down_proj: adapter 'default' has non-finite"):
+        merge_adapter(tiny_llama)
+    after = tiny_llama.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items() if torch.isfinite(v).all())
+    assert not any(m.merged_adapters for m in tiny_llama.modules() if isinstance(m, LoraLinear))

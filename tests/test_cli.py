@@ -315,3 +315,75 @@ def test_python_dash_m(tmp_path):
 
     done = subprocess.run([sys.executable, "-m", "lorakit", "trian"], capture_output=True, text=True)
     assert done.returncode == 2 and "did you mean 'train'?" in done.stderr and not done.stdout
+
+
+# --- issue 12: bad adapters, configs and names end in one line too
+
+
+def _adapter_copy(tiny, tmp_path, change):
+    import shutil
+
+    directory = tmp_path / "adapter"
+    shutil.copytree(tiny[1], directory)
+    change(directory)
+    return directory
+
+
+def _set_config(directory, text):
+    (directory / "adapter_config.json").write_text(text)
+
+
+def _config_field(directory, **fields):
+    import json
+
+    data = json.loads((directory / "adapter_config.json").read_text())
+    _set_config(directory, json.dumps({**data, **fields}))
+
+
+def _nan_weights(directory):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(directory / "adapter_model.safetensors")
+    key = sorted(tensors)[0]
+    tensors[key] = tensors[key] * float("nan")
+    save_file(tensors, directory / "adapter_model.safetensors")
+
+
+@pytest.mark.parametrize("change, command, expected", [
+    (lambda d: _set_config(d, "[1, 2]"), "inspect", "an adapter config is a JSON object"),
+    (lambda d: _set_config(d, "null"), "generate", "an adapter config is a JSON object"),
+    (lambda d: _config_field(d, r=2.5), "inspect", "r=2.5: expected a whole number"),
+    (lambda d: _config_field(d, lora_alpha="x"), "generate", "lora_alpha='x'"),
+    (lambda d: _config_field(d, target_modules=["q_proj", 3]), "generate", "target_modules[1]=3"),
+    (lambda d: _config_field(d, target_modules="(q"), "generate", "not a valid regular expression"),
+    (lambda d: _config_field(d, target_modules=["q_proj"], layers_to_transform=[9]), "generate",
+     "layers_to_transform=[9] names no layer"),
+    (_nan_weights, "generate", "NaN/inf values"),
+])
+def test_bad_adapters_are_one_line(capsys, tiny, tmp_path, change, command, expected):
+    adapter = _adapter_copy(tiny, tmp_path, change)
+    argv = ["inspect", adapter] if command == "inspect" else ["generate", "--model", tiny[0], "--adapter", adapter,
+                                                              "--max-new-tokens", 1, "hi"]
+    code, out, err = run(capsys, *argv)
+    assert code == 2 and err.startswith("lorakit: error: ") and err.count("\n") == 1, err
+    assert expected in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--active", "default,default"], "named more than once"),
+    (["--adapter-name", "a/b"], "one path segment"),
+])
+def test_bad_adapter_names_are_one_line(capsys, tiny, extra, expected):
+    code, out, err = run(capsys, "generate", "--model", tiny[0], "--adapter", tiny[1], *extra, "--max-new-tokens", 1,
+                         "hi")
+    assert code == 2 and err.startswith("lorakit: error: ") and err.count("\n") == 1, err
+    assert expected in err
+
+
+def test_adapter_directories_with_dots_get_safe_default_names(capsys, tiny, tmp_path):
+    import shutil
+
+    shutil.copytree(tiny[1], tmp_path / "v1.5")
+    code, out, err = run(capsys, "generate", "--model", tiny[0], "--adapter", tiny[1], "--adapter", tmp_path / "v1.5",
+                         "--active", "v1_5", "--max-new-tokens", 1, "hi")
+    assert code == 0, err

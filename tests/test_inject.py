@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+import lorakit
 from lorakit_testing import TinyMLP, make_tiny_llama
 from lorakit import LoraConfig, LoraLinear, add_adapter, merge_and_unload, unload
 
@@ -99,8 +100,61 @@ def test_duplicate_and_bad_names():
     add_adapter(model, LoraConfig(target_modules=["up"]))
     with pytest.raises(ValueError, match="already exists"):
         add_adapter(model, LoraConfig(target_modules=["up"]))
-    with pytest.raises(ValueError, match="without '.'"):
+    with pytest.raises(ValueError, match="one path segment"):
         add_adapter(model, LoraConfig(target_modules=["up"]), adapter_name="a.b")
+
+
+@pytest.mark.parametrize("name", ["/abs", "a/b", "..", ".", "", "a b", "x" * 65, "é", "-x", None, 3])
+def test_adapter_names_are_one_safe_path_segment(tmp_path, name):
+    # issue 12 item 7: "/abs" made save_adapter write at the filesystem root, "a/b" nested.
+    model = TinyMLP()
+    add_adapter(model, LoraConfig(target_modules=["up"]))
+    with pytest.raises(ValueError, match="one path segment"):
+        add_adapter(model, LoraConfig(target_modules=["down"]), adapter_name=name)
+    assert list(lorakit.adapter_configs(model)) == ["default"]
+
+
+def test_a_failed_add_registers_nothing(tiny_llama):
+    # modules_to_save that matches nothing used to fail after the LoRA layers were injected: "already exists" on retry
+    tree = [n for n, _ in tiny_llama.named_modules()]
+    with pytest.raises(ValueError, match="modules_to_save"):
+        add_adapter(tiny_llama, LoraConfig(target_modules=["q_proj"], modules_to_save=["no_such_module"]))
+    assert [n for n, _ in tiny_llama.named_modules()] == tree and not lorakit.adapter_configs(tiny_llama)
+    add_adapter(tiny_llama, LoraConfig(target_modules=["q_proj"]))  # the retry works
+    assert list(lorakit.adapter_configs(tiny_llama)) == ["default"]
+
+
+def _poison_last_layer(model):
+    layers = list(lorakit.lora_layers(model).values())
+    with torch.no_grad():
+        layers[-1].lora_B["default"].weight[0, 0] = float("inf")
+    return layers
+
+
+@pytest.mark.parametrize("safe_merge", [True, False])
+def test_merge_and_unload_checks_every_layer_before_merging(tiny_llama, safe_merge):
+    # issue 12 item 9: inf in the last layer raised after 13 of 14 layers were merged and unwrapped
+    add_adapter(tiny_llama, LoraConfig(target_modules="all-linear", init_lora_weights=False))
+    _poison_last_layer(tiny_llama)
+    state = {k: v.clone() for k, v in tiny_llama.state_dict().items()}
+    n_layers = len(lorakit.lora_layers(tiny_llama))
+    with pytest.raises(ValueError, match=r"down_proj: adapter 'default' has non-finite"):
+        merge_and_unload(tiny_llama, safe_merge=safe_merge)
+    assert len(lorakit.lora_layers(tiny_llama)) == n_layers
+    after = tiny_llama.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in state.items() if torch.isfinite(v).all())
+
+
+def test_safe_merge_refuses_float16_overflow_everywhere_first():
+    model = TinyMLP().half()
+    add_adapter(model, LoraConfig(target_modules=["up", "down"], init_lora_weights=False))
+    with torch.no_grad():
+        model.down.lora_B["default"].weight.fill_(1e3)
+        model.down.lora_A["default"].weight.fill_(1e3)
+    before = model.up.base_layer.weight.clone()
+    with pytest.raises(ValueError, match="down: merging adapters \\['default'\\] gives non-finite float16"):
+        merge_and_unload(model, safe_merge=True)
+    assert torch.equal(model.up.base_layer.weight, before) and not model.up.merged_adapters
 
 
 def test_merge_without_adapters_raises():

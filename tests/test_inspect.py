@@ -112,3 +112,14 @@ def test_missing_and_corrupt(tmp_path):
     (tmp_path / "adapter_model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     with pytest.raises(ValueError, match="corrupt"):
         inspect_adapter(tmp_path)
+
+
+@pytest.mark.parametrize("leftover", [".lorakit-x1y2", ".lorakit-tmp-123-abcd-adapter"])
+def test_temporary_folders_are_not_adapters(adapter_dir, leftover):
+    # issue 12 item 4: a killed save's temp folder (a full adapter copy) was listed under "other adapters"
+    import shutil
+
+    shutil.copytree(adapter_dir / "second", adapter_dir / leftover)
+    info = inspect_adapter(adapter_dir)
+    assert list(info["other_adapters"]) == ["second"]
+    assert leftover not in format_inspection(info)

@@ -1,6 +1,8 @@
 """PEFT on-disk format, both ways, against the real `peft` package: same files, same logits (≤ 1e-5 fp32)."""
 
 import json
+import shutil
+from pathlib import Path
 import warnings
 
 import pytest
@@ -198,3 +200,168 @@ def test_adapter_state_dict_is_structural(tiny_llama):
     keys = sorted(adapter_state_dict(tiny_llama))
     assert keys == [f"base_model.model.model.layers.{i}.self_attn.q_proj.lora_{ab}.weight"
                     for i in range(2) for ab in "AB"]
+
+
+# --- issue 12: a failed load registers nothing; files hold data only; numbers are checked
+
+
+def _saved(tmp_path, **cfg):
+    model = make_tiny_llama(**cfg.pop("extra", {}))
+    add_adapter(model, LoraConfig(**cfg))
+    _perturb(model)
+    save_adapter(model, tmp_path)
+    return model
+
+
+def _snapshot(model):
+    return [n for n, _ in model.named_modules()], {k: v.clone() for k, v in model.state_dict().items()}, \
+        {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _assert_unchanged(model, snapshot):
+    tree, state, trainable = snapshot
+    assert [n for n, _ in model.named_modules()] == tree
+    after = model.state_dict()
+    assert sorted(after) == sorted(state) and all(torch.equal(after[k], v) for k, v in state.items())
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable
+    assert not getattr(model, "lorakit_configs", None)
+
+
+def _drop_key(directory, suffix):
+    from safetensors.torch import save_file
+
+    path = directory / "adapter_model.safetensors"
+    tensors = load_file(path)
+    (key,) = [k for k in tensors if k.endswith(suffix)]
+    del tensors[key]
+    save_file(tensors, path)
+
+
+@pytest.mark.parametrize("cfg,missing", [
+    (dict(target_modules=["q_proj"], modules_to_save=["lm_head"]), "lm_head.weight"),
+    (dict(target_modules=["q_proj"], bias="all", extra=BIASED), "layers.1.mlp.up_proj.bias"),
+])
+def test_a_failed_load_registers_nothing_and_a_retry_works(tmp_path, cfg, missing):
+    # issue 12 item 10: a missing modules_to_save tensor left a half-registered adapter; the retry said "already exists"
+    extra = cfg.get("extra", {})
+    _saved(tmp_path / "good", **dict(cfg))
+    bad = tmp_path / "bad"
+    shutil.copytree(tmp_path / "good", bad)
+    _drop_key(bad, missing)
+    model = make_tiny_llama(**extra)
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match=f"missing .*{missing}"):
+        load_adapter(model, bad)
+    _assert_unchanged(model, before)
+    load_adapter(model, tmp_path / "good")  # the same name again, now from a good file
+
+
+def _rewrite(directory, change):
+    from safetensors.torch import save_file
+
+    path = directory / "adapter_model.safetensors"
+    tensors = load_file(path)
+    key = sorted(k for k in tensors if k.endswith("lora_B.weight"))[-1]
+    tensors[key] = change(tensors[key])
+    save_file(tensors, path)
+    return key
+
+
+@pytest.mark.parametrize("change,match", [
+    (lambda t: (t * 1000).long(), "has dtype int64, but adapter weights are floating point"),
+    (lambda t: t.to(torch.int8), "has dtype int8"),
+    (lambda t: torch.full_like(t, float("nan")), "NaN/inf values in .*not loaded; the model was left unchanged"),
+    (lambda t: torch.full_like(t, float("inf")), "NaN/inf values"),
+])
+def test_integer_or_non_finite_adapter_tensors_are_refused(tmp_path, change, match):
+    # issue 12 "Numbers": int64 tensors were silently cast, NaN/inf tensors loaded silently
+    _saved(tmp_path, target_modules=["q_proj", "v_proj"])
+    key = _rewrite(tmp_path, change)
+    model = make_tiny_llama()
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match=match) as err:
+        load_adapter(model, tmp_path)
+    assert key in str(err.value)
+    _assert_unchanged(model, before)
+
+
+def test_an_adapter_with_nan_is_not_saved_and_the_old_one_stays(tmp_path):
+    model = _saved(tmp_path, target_modules=["q_proj"])
+    files = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with torch.no_grad():
+        model.model.layers[1].self_attn.q_proj.lora_A["default"].weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"adapter 'default' has NaN/inf values in .*layers.1.self_attn.q_proj"):
+        save_adapter(model, tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == files
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_pickled_object_is_refused_with_lorakits_message(tmp_path):
+    # issue 12 "Files": the refusal showed torch's own advice to pass weights_only=False
+    from lorakit.inspect import inspect_adapter
+
+    _saved(tmp_path, target_modules=["q_proj"])
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    (tmp_path / "adapter_model.safetensors").unlink()
+    marker = tmp_path / "executed"
+    torch.save({**tensors, "x": _Payload(str(marker))}, tmp_path / "adapter_model.bin")
+    for read in (lambda: load_adapter(make_tiny_llama(), tmp_path), lambda: inspect_adapter(tmp_path)):
+        with pytest.raises(ValueError, match="refuses to unpickle") as err:
+            read()
+        assert "weights_only" not in str(err.value) and not marker.exists()
+    torch.save(tensors, tmp_path / "adapter_model.bin")  # a plain dict of tensors still loads
+    load_adapter(make_tiny_llama(), tmp_path)
+
+
+def test_a_truncated_bin_names_the_file(tmp_path):
+    _saved(tmp_path, target_modules=["q_proj"])
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    (tmp_path / "adapter_model.safetensors").unlink()
+    torch.save(tensors, tmp_path / "adapter_model.bin")
+    data = (tmp_path / "adapter_model.bin").read_bytes()
+    (tmp_path / "adapter_model.bin").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="adapter_model.bin cannot be read .*corrupt or truncated"):
+        load_adapter(make_tiny_llama(), tmp_path)
+
+
+def test_load_checks_the_name_before_reading(tmp_path):
+    with pytest.raises(ValueError, match="one path segment"):
+        load_adapter(make_tiny_llama(), tmp_path / "nowhere", adapter_name="../x")
+
+
+# --- issue 12 item 4: the directory is replaced as a whole
+
+
+def test_save_replaces_the_directory_whole_and_keeps_other_files(tmp_path, input_ids):
+    from lorakit.atomic import TEMP_PREFIX
+
+    out = tmp_path / "adapter"
+    model = _saved(out, target_modules=["q_proj"])
+    (out / "README.md").write_text("my notes")
+    (out / ".lorakit-abc123").mkdir()  # what an older lorakit left when killed mid-save
+    (out / ".lorakit-abc123" / "adapter_config.json").write_text("{}")
+    dead = tmp_path / f"{TEMP_PREFIX}999999999-0-adapter"  # a killed writer's sibling (no such pid)
+    dead.mkdir()
+    set_adapter(model, "default")
+    _perturb(model)
+    save_adapter(model, out)
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+    back = load_adapter(make_tiny_llama(), out)
+    torch.testing.assert_close(back(input_ids).logits, model(input_ids).logits, atol=1e-6, rtol=0)
+
+
+def test_saving_into_the_working_directory_keeps_it_usable(tmp_path, monkeypatch):
+    out = tmp_path / "adapter"
+    model = _saved(out, target_modules=["q_proj"])
+    monkeypatch.chdir(out)
+    save_adapter(model, ".")
+    assert sorted(p.name for p in Path.cwd().iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert Path.cwd() == out and sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]

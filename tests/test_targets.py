@@ -87,3 +87,15 @@ def test_all_linear_saved_as_the_list_peft_writes(tmp_path, layers):
     again = make_tiny_llama(num_hidden_layers=layers)
     load_adapter(again, tmp_path / "ours")
     assert list(lora_layers(again)) == list(lora_layers(model))
+
+
+@pytest.mark.parametrize("layers", [[5], 7, [2, 3]])
+def test_layers_out_of_range_name_the_range(layers):
+    # issue 12 "Config values": reported as "matches no layer" with the list of layer names
+    from lorakit.fields import ConfigError
+
+    cfg = LoraConfig(target_modules=["q_proj"], layers_to_transform=layers)
+    with pytest.raises(ConfigError, match=r"layers_to_transform=.*numbered 0-1"):
+        resolve_targets(make_tiny_llama(), cfg)
+    assert resolve_targets(make_tiny_llama(), LoraConfig(target_modules=["q_proj"], layers_to_transform=[1, 5])) == \
+        ["model.layers.1.self_attn.q_proj"]

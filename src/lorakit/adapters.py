@@ -51,17 +51,24 @@ def set_adapter(model: nn.Module, adapter_name: str | list[str], trainable: bool
     for a moment inside a training step).
 
     Raises:
-        ValueError: naming an unknown adapter and the ones the model has.
+        ValueError: naming an unknown adapter and the ones the model has, or a name given twice (it would be
+            applied twice).
     """
     names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
     known = _configs(model)
     for name in names:
-        if name not in known:
+        if not isinstance(name, str) or name not in known:
             raise ValueError(f"unknown adapter {name!r}; this model has {sorted(known)}")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"adapter(s) {twice} named more than once in {names}; each active adapter is applied once "
+                         "per name, so list each name once")
+    error = 0.0
     for module in _adapter_modules(model):
         if isinstance(module, LoraLinear):
-            module.unmerge([n for n in module.merged_adapters if n not in names])
+            error = max(error, module.unmerge([n for n in module.merged_adapters if n not in names]))
         module.active_adapters = [n for n in names if _has(module, n)]
+    _warn_unmerge(error)
     model.__dict__["lorakit_active"] = names
     if trainable:
         mark_only_adapters_trainable(model)
@@ -83,10 +90,12 @@ def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
     """
     modules = _adapter_modules(model)
     before = [m.disabled for m in modules]
+    error = 0.0
     for module in modules:
         if isinstance(module, LoraLinear):
-            module.unmerge()
+            error = max(error, module.unmerge())
         module.disabled = True
+    _warn_unmerge(error)
     try:
         yield model
     finally:
@@ -118,22 +127,47 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
 def merge_adapter(model: nn.Module, safe_merge: bool = False) -> None:
     """Merge the active adapters into the base weights, keeping the LoRA layers (undo with :func:`unmerge_adapter`).
 
-    On a quantized base merge and unmerge each re-quantize the weight (lossy); a warning gives the largest change.
+    On a quantized base the merge re-quantizes the weight (lossy; a warning gives the largest change), and
+    :func:`unmerge_adapter` restores the stored original exactly. Every layer is checked before the first one
+    changes: adapters with NaN/Inf values (or, with ``safe_merge``, non-finite merged weights) are refused and the
+    model is left as it was. While merged, a backward pass that would train a merged adapter raises.
+
+    Raises:
+        ValueError: naming the first layer that cannot be merged.
     """
     error = 0.0
-    for module in model.modules():
-        if isinstance(module, LoraLinear):
-            error = max(error, module.merge(active_adapters(model), safe_merge=safe_merge))
+    layers = [(p, m) for p, m in model.named_modules() if isinstance(m, LoraLinear)]
+    for path, module in layers:
+        try:
+            module.check_merge(active_adapters(model), whole_weight=safe_merge)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
+    for _, module in layers:
+        error = max(error, module.merge(active_adapters(model)))
     if error:
         warnings.warn(f"merged into a quantized base: re-quantization moved merged weights by up to {error:.3e}",
                       stacklevel=2)
 
 
 def unmerge_adapter(model: nn.Module) -> None:
-    """Undo :func:`merge_adapter`."""
+    """Undo :func:`merge_adapter`.
+
+    A quantized base gets its stored original back bit for bit; a 16-bit base (bfloat16 / float16) cannot, since
+    the merged weight was rounded: a warning gives the largest difference left from the original weights (reload
+    the base, or merge in float32, when it matters).
+    """
+    error = 0.0
     for module in model.modules():
         if isinstance(module, LoraLinear):
-            module.unmerge()
+            error = max(error, module.unmerge())
+    _warn_unmerge(error)
+
+
+def _warn_unmerge(error: float) -> None:
+    if error:
+        warnings.warn(f"unmerge could not restore the exact base weights: they now differ from the originals by up "
+                      f"to {error:.3e} (rounding of the merged 16-bit or quantized weight); reload the base model for "
+                      "exact weights", stacklevel=3)
 
 
 def mark_only_adapters_trainable(model: nn.Module) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import re
 import sys
 from pathlib import Path
 
@@ -105,7 +106,8 @@ def _load(ns: argparse.Namespace):
     _quiet_loading()
     model, tokenizer = lorakit.load_model(ns.model, quantization=getattr(ns, "quantization", None))
     dirs = ns.adapter or []
-    names = ns.adapter_name or (["default"] if len(dirs) == 1 else [Path(d).name for d in dirs])
+    names = ns.adapter_name or (["default"] if len(dirs) == 1 else
+                                [re.sub(r"[^A-Za-z0-9_-]", "_", Path(d).resolve().name) for d in dirs])
     if len(names) != len(dirs) or len(set(names)) != len(names):
         raise ValueError(f"{len(dirs)} --adapter and {len(ns.adapter_name or [])} --adapter-name given; "
                          "give one distinct --adapter-name per --adapter")

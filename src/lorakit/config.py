@@ -10,10 +10,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .fields import ConfigError, check_range, coerce
 
 __all__ = ["LoraConfig", "INIT_METHODS"]
 
@@ -50,7 +53,13 @@ class LoraConfig:
     Each wrapped linear computes ``h = W0 x + scaling * B A dropout(x)`` with ``A`` of shape (r, in) and ``B`` of
     shape (out, r); ``scaling = lora_alpha / r`` (or ``lora_alpha / sqrt(r)`` with ``use_rslora``).
 
+    Every field is checked when the config is built (or read from a file): its type (numbers written as strings
+    become numbers; ``r=2.5`` or ``lora_alpha="x"`` are refused), its range (``r >= 1``, ``0 <= lora_dropout < 1``,
+    finite alphas, layer indices >= 0) and that every regex compiles.
+
     Raises:
+        ConfigError: (a ``ValueError``) for a field of the wrong type or range, naming the field, the value and
+            the fix.
         ValueError: for combinations of fields that cannot work together (each message names the fix).
     """
 
@@ -97,9 +106,10 @@ class LoraConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, (set, tuple)):
-            self.target_modules = sorted(self.target_modules)
+            self.target_modules = sorted(self.target_modules, key=str)
         if isinstance(self.exclude_modules, (set, tuple)):
-            self.exclude_modules = sorted(self.exclude_modules)
+            self.exclude_modules = sorted(self.exclude_modules, key=str)
+        self._check_fields()
         if isinstance(self.target_modules, str) and (self.layers_to_transform is not None or self.layers_pattern):
             raise ValueError(
                 f"target_modules={self.target_modules!r} is a regex, which cannot be combined with "
@@ -121,6 +131,35 @@ class LoraConfig:
                 "adapter on save; save the adapter for the modified base instead",
                 stacklevel=2,
             )
+
+    def _check_fields(self) -> None:
+        """Coerce every field to its type and check its range (see the class docstring)."""
+        for name in ("rank_pattern", "alpha_pattern"):
+            if getattr(self, name) is None:  # older PEFT versions write null for an empty pattern
+                setattr(self, name, {})
+        for name, annotation in _FIELD_TYPES.items():
+            setattr(self, name, coerce(getattr(self, name), annotation, name))
+        check_range("r", self.r, low=1, fix="the rank is a whole number such as 8 or 16")
+        check_range("lora_alpha", self.lora_alpha, fix="lora_alpha is a number such as 16 (scaling = lora_alpha / r)")
+        check_range("lora_dropout", self.lora_dropout, low=0, high=1, high_open=True,
+                    fix="a dropout probability such as 0.05")
+        for key, value in self.rank_pattern.items():
+            check_range(f"rank_pattern[{key!r}]", value, low=1, fix="ranks are whole numbers such as 8")
+        for key, value in self.alpha_pattern.items():
+            check_range(f"alpha_pattern[{key!r}]", value, fix="alphas are numbers such as 16")
+        layers = self.layers_to_transform
+        for i in [layers] if isinstance(layers, int) else layers or []:
+            check_range("layers_to_transform", i, low=0, fix="layer indices count from 0")
+        for name in ("target_modules", "exclude_modules"):
+            spec = getattr(self, name)
+            if isinstance(spec, str) and spec != "all-linear":
+                _check_regex(name, spec, spec)
+        patterns = self.layers_pattern
+        for pattern in [patterns] if isinstance(patterns, str) else patterns or []:
+            _check_regex("layers_pattern", pattern, pattern)
+        for name in ("rank_pattern", "alpha_pattern"):
+            for key in getattr(self, name):
+                _check_regex(f"{name} key", key, rf"(.*\.)?({key})$")
 
     # --- per-module values
 
@@ -157,10 +196,16 @@ class LoraConfig:
         """Build from a PEFT ``adapter_config.json`` dict. Unknown keys warn and are dropped.
 
         Raises:
+            ConfigError: for a value of the wrong type or range, or a config that is not a JSON object; the
+                message starts with ``source``.
             ValueError: if ``peft_type`` is not LORA, or a feature lorakit does not implement is switched on.
         """
+        if not isinstance(d, dict):
+            raise ConfigError(f"{source}: an adapter config is a JSON object of fields ({{\"r\": 8, ...}}), "
+                              f"not {type(d).__name__} {_short(d)}; re-save the adapter")
         d = dict(d)
         peft_type = d.pop("peft_type", "LORA")
+        peft_type = getattr(peft_type, "value", peft_type)  # peft's in-memory dicts hold its PeftType enum
         if str(peft_type).upper() != "LORA":
             raise ValueError(f"{source}: peft_type={peft_type!r}; lorakit reads LoRA adapters only")
         names = {f.name for f in dataclasses.fields(cls)} - {"extra_peft_fields"}
@@ -184,7 +229,10 @@ class LoraConfig:
             warnings.warn(f"{source}: ignoring unknown adapter config keys {sorted(d)}", stacklevel=2)
         if isinstance(kwargs.get("init_lora_weights"), str) and kwargs["init_lora_weights"].startswith("pissa_niter"):
             kwargs["init_lora_weights"] = "pissa"
-        return cls(**kwargs, extra_peft_fields=extra)
+        try:
+            return cls(**kwargs, extra_peft_fields=extra)
+        except ConfigError as err:
+            raise ConfigError(f"{source}: {err}") from None
 
     def save(self, directory: str | Path) -> Path:
         """Write ``adapter_config.json`` into ``directory`` and return its path."""
@@ -211,10 +259,46 @@ class LoraConfig:
         return cls.from_dict(data, source=str(path))
 
 
+# The declared types of the fields, as :func:`lorakit.fields.coerce` checks them. Alphas keep an int as an int, so a
+# file written back holds ``"lora_alpha": 16`` as PEFT writes it.
+_FIELD_TYPES: dict[str, Any] = {
+    "r": int,
+    "lora_alpha": int | float,
+    "lora_dropout": float,
+    "target_modules": list[str] | str | None,
+    "exclude_modules": list[str] | str | None,
+    "layers_to_transform": list[int] | int | None,
+    "layers_pattern": list[str] | str | None,
+    "rank_pattern": dict[str, int],
+    "alpha_pattern": dict[str, int | float],
+    "use_rslora": bool,
+    "bias": str,
+    "modules_to_save": list[str] | None,
+    "init_lora_weights": bool | str,
+    "fan_in_fan_out": bool,
+    "task_type": str | None,
+    "base_model_name_or_path": str | None,
+    "revision": str | None,
+    "inference_mode": bool,
+    "extra_peft_fields": dict[str, Any],
+}
+
+
+def _check_regex(name: str, shown: str, pattern: str) -> None:
+    try:
+        re.compile(pattern)
+    except re.error as err:
+        raise ConfigError(f"{name}={shown!r} is not a valid regular expression ({err}); fix the pattern, or pass "
+                          "a list of module names to match names instead") from None
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _match_pattern(pattern: dict[str, Any], module_path: str, default: Any) -> Any:
     """PEFT's pattern lookup: the first key ``k`` such that ``(.*\\.)?(k)$`` matches ``module_path``."""
-    import re
-
     for key, value in pattern.items():
         if re.match(rf"(.*\.)?({key})$", module_path):
             return value

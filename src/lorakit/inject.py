@@ -7,7 +7,10 @@ original module as ``base_layer``. The adapters' configs live in ``model.lorakit
 
 from __future__ import annotations
 
+import contextlib
+import re
 import warnings
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -19,7 +22,9 @@ from .layer import LoraLinear
 from .modules_to_save import ModulesToSave
 from .targets import matches, output_head_paths, select_targets
 
-__all__ = ["add_adapter", "unload", "merge_and_unload", "lora_layers", "adapter_configs"]
+__all__ = ["add_adapter", "unload", "merge_and_unload", "lora_layers", "adapter_configs", "check_adapter_name"]
+
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,63}")
 
 
 def adapter_configs(model: nn.Module) -> dict[str, LoraConfig]:
@@ -42,9 +47,23 @@ def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def check_adapter_name(name: str) -> str:
+    """``name`` if it can name an adapter: one path segment of letters, digits, ``_`` and ``-`` (at most 64).
+
+    An adapter other than ``default`` is saved in the subdirectory of its name, so ``"/abs"`` or ``"a/b"`` would
+    write outside the adapter directory, and ``"."`` would overwrite it.
+
+    Raises:
+        ValueError: naming the value and the rule.
+    """
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ValueError(f"adapter_name={name!r} must be one path segment of letters, digits, '_' and '-' (no '.', "
+                         "'/' or spaces, at most 64 characters), such as 'dates' or 'style_v2'")
+    return name
+
+
 def _check_name(model: nn.Module, name: str) -> None:
-    if not isinstance(name, str) or not name or "." in name:
-        raise ValueError(f"adapter_name={name!r} must be a non-empty string without '.'")
+    check_adapter_name(name)
     if name in adapter_configs(model):
         raise ValueError(f"adapter {name!r} already exists; delete_adapter(model, {name!r}) first or pick another name")
 
@@ -80,9 +99,48 @@ def add_adapter(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
         >>> add_adapter(model, cfg)
         >>> print_trainable_parameters(model)
     """
+    _check_name(model, adapter_name)
+    with rollback_on_error(model, adapter_name):
+        _inject(model, config, adapter_name, dtype)
+    return model
+
+
+@contextlib.contextmanager
+def rollback_on_error(model: nn.Module, adapter_name: str) -> Iterator[None]:
+    """If the block raises, take adapter ``adapter_name`` out again and put back the module tree, the active
+    adapters and which parameters train, as they were before the block (a failed add/load registers nothing)."""
+    lora_before, wrapped_before = set(lora_layers(model)), set(_wrapped_modules(model))
+    trainable = {id(p): p.requires_grad for p in model.parameters()}
+    active = list(_active_names(model))
+    try:
+        yield
+    except BaseException:
+        for path, layer in lora_layers(model).items():
+            if adapter_name in layer.lora_A:
+                layer.delete(adapter_name)
+            if path not in lora_before and not layer.lora_A:
+                _replace(model, path, layer.base_layer)
+        for path, wrapper in _wrapped_modules(model).items():
+            if adapter_name in wrapper.modules_to_save:
+                wrapper.delete(adapter_name)
+            if path not in wrapped_before and not wrapper.modules_to_save:
+                _replace(model, path, wrapper.original_module)
+        adapter_configs(model).pop(adapter_name, None)
+        if active:
+            set_adapter(model, active, trainable=False)
+        else:
+            model.__dict__.pop("lorakit_active", None)
+            if not adapter_configs(model):
+                model.__dict__.pop("lorakit_configs", None)
+        for p in model.parameters():
+            if id(p) in trainable:
+                p.requires_grad_(trainable[id(p)])
+        raise
+
+
+def _inject(model: nn.Module, config: LoraConfig, adapter_name: str, dtype: torch.dtype | None) -> None:
     from .init import init_from_base  # OLoRA / PiSSA
 
-    _check_name(model, adapter_name)
     existing = lora_layers(model)
     targets = select_targets(_target_view(model, existing), config, output_head_paths(model), type(model).__name__)
     for path in targets:
@@ -107,7 +165,6 @@ def add_adapter(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
         set_adapter(model, adapter_name)
     else:
         set_adapter(model, _active_names(model) or adapter_name)
-    return model
 
 
 def _active_names(model: nn.Module) -> list[str]:
@@ -163,25 +220,29 @@ def merge_and_unload(model: nn.Module, safe_merge: bool = False, adapter_names: 
 
     Args:
         model: a model with adapters; modified in place and returned.
-        safe_merge: check every merged weight for NaN/Inf before writing it (ValueError names the layer).
+        safe_merge: also check every merged weight for NaN/Inf (in the base's dtype) before any layer is
+            changed (ValueError names the layer). Adapters with NaN/Inf values are refused either way.
 
     On a quantized (NF4/int8) base the merged weight is re-quantized, which is lossy: a warning gives the largest
     weight change; dequantize first (``lorakit.quant.dequantize_model_``) to deploy an exact merge.
         adapter_names: adapters to merge (default: the active ones).
 
     Raises:
-        ValueError: with ``safe_merge``, naming the first layer whose merged weight is not finite.
+        ValueError: naming the first layer whose adapter (or, with ``safe_merge``, merged weight) is not finite;
+            the model is left unchanged.
     """
     layers = lora_layers(model)
     if not layers:
         raise ValueError(f"{type(model).__name__} has no LoRA layers to merge; add or load an adapter first")
     names = adapter_names or _active_names(model)
-    requant_error = 0.0
-    for path, layer in layers.items():
+    for path, layer in layers.items():  # every layer is checked before the first one changes
         try:
-            requant_error = max(requant_error, layer.merge(names, safe_merge=safe_merge))
+            layer.check_merge(names, whole_weight=safe_merge)
         except ValueError as err:
             raise ValueError(f"{path}: {err}") from None
+    requant_error = 0.0
+    for path, layer in layers.items():
+        requant_error = max(requant_error, layer.merge(names))
         _replace(model, path, layer.base_layer)
     if any(isinstance(layer.base_layer, QuantizedBase) for layer in layers.values()):
         warnings.warn(

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .config import LoraConfig
 from .estimate import ModelShape, config_path, format_bytes
-from .peft_format import CONFIG_NAME, PREFIX, WEIGHTS_NAME
+from .peft_format import BIN_NAME, CONFIG_NAME, PREFIX, WEIGHTS_NAME, read_torch_tensors
 
 __all__ = ["inspect_adapter", "check_fit", "format_inspection"]
 
@@ -28,7 +28,7 @@ _DTYPES = {"F64": "float64", "F32": "float32", "BF16": "bfloat16", "F16": "float
 
 def _tensor_meta(directory: Path) -> dict[str, tuple[tuple[int, ...], str]]:
     """``{file key: (shape, dtype)}`` from the safetensors header (or a legacy ``adapter_model.bin``)."""
-    st, binary = directory / WEIGHTS_NAME, directory / "adapter_model.bin"
+    st, binary = directory / WEIGHTS_NAME, directory / BIN_NAME
     if st.is_file():
         from safetensors import SafetensorError, safe_open
 
@@ -36,12 +36,10 @@ def _tensor_meta(directory: Path) -> dict[str, tuple[tuple[int, ...], str]]:
             with safe_open(st, framework="pt") as f:
                 slices = {k: f.get_slice(k) for k in f.keys()}
                 return {k: (tuple(s.get_shape()), _DTYPES.get(s.get_dtype(), s.get_dtype())) for k, s in slices.items()}
-        except (SafetensorError, OSError) as err:
+        except (SafetensorError, OSError, ValueError, OverflowError) as err:
             raise ValueError(f"{st} cannot be read ({err}); the file is corrupt or truncated") from None
     if binary.is_file():
-        import torch
-
-        tensors = torch.load(binary, map_location="cpu", weights_only=True)
+        tensors = read_torch_tensors(binary)
         return {k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in tensors.items()}
     raise FileNotFoundError(f"{directory} holds no {WEIGHTS_NAME} (or adapter_model.bin)")
 
@@ -91,7 +89,9 @@ def inspect_adapter(directory: str | os.PathLike) -> dict:
     for entry in modules.values():
         if entry.get("r_B") == entry.get("r"):
             entry.pop("r_B", None)
-    subdirs = sorted(p for p in directory.iterdir() if p.is_dir() and (p / CONFIG_NAME).is_file())
+    # names starting with a dot are temporary folders of a save in progress or killed (see lorakit.atomic)
+    subdirs = sorted(p for p in directory.iterdir()
+                     if not p.name.startswith(".") and p.is_dir() and (p / CONFIG_NAME).is_file())
     return {
         "path": str(directory),
         "base_model": config.base_model_name_or_path,

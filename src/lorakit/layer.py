@@ -12,6 +12,13 @@ Note: cheap dropout
     (tokens, r). Its expectation is the same as PEFT's (``E[update] = B A x``), every LoRA parameter still sees
     dropped-out gradients, and the mask is ``in_features / r`` times smaller (36× for hidden 576 at r 16). In eval
     mode both are the identity, so saved adapters and inference are unaffected.
+
+Note: exact unmerge
+    Re-quantizing ``W + ΔW`` and then ``W + ΔW - ΔW`` moves a 4-bit weight twice, so an unmerge alone cannot give
+    the base back. A quantized base's ``set_weight_`` swaps in new buffers instead of writing into the old ones, so
+    the first merge keeps references to the packed weight it replaced (no copy) and the unmerge of every merged
+    adapter puts them back bit for bit. A 16-bit dense base would need a full copy; there the merge records how far
+    a later unmerge will leave the weights off, and the unmerge warns with that figure.
 """
 
 from __future__ import annotations
@@ -160,59 +167,167 @@ class LoraLinear(nn.Module):
         names = self.active_adapters if names is None else names
         return [n for n in names if n in self.lora_A and n not in self.merged_adapters]
 
+    def check_merge(self, adapter_names: list[str] | None = None, whole_weight: bool = False) -> None:
+        """Refuse a merge that would write non-finite weights, before anything is changed.
+
+        Always checks the named (default: active, unmerged) adapters' A, B and scaling (cheap); with
+        ``whole_weight`` also the merged weight itself, in the range of the dtype it is stored in (a float16 base
+        overflows at 65504).
+
+        Raises:
+            ValueError: naming the adapter and what is not finite.
+        """
+        names = self._unmerged_active(adapter_names)
+        for name in names:
+            for part, tensor in (("lora_A", self.lora_A[name].weight), ("lora_B", self.lora_B[name].weight)):
+                if not torch.isfinite(tensor).all():
+                    raise ValueError(f"adapter {name!r} has non-finite (NaN/inf) values in {part}; merging it would "
+                                     "destroy the base weights, which were left unchanged (load an earlier checkpoint)")
+            if not math.isfinite(self.scaling[name]):
+                raise ValueError(f"adapter {name!r} has scaling {self.scaling[name]!r}; the base was left unchanged")
+        if whole_weight and names:
+            merged = self._merged_weight(names)
+            stored = torch.float32 if isinstance(self.base_layer, QuantizedBase) else dense_weight(self.base_layer).dtype
+            limit = torch.finfo(stored).max if stored.is_floating_point else float("inf")
+            if not torch.isfinite(merged).all() or merged.abs().max().item() > limit:
+                raise ValueError(f"merging adapters {names} gives non-finite {str(stored).removeprefix('torch.')} "
+                                 "weights; the base was left unchanged")
+
+    def _merged_weight(self, names: list[str]) -> torch.Tensor:
+        """The base weight plus the named adapters' updates, as a new float32 tensor."""
+        weight = dense_weight(self.base_layer)
+        merged = weight.to(torch.float32) if weight.dtype != torch.float32 else weight.clone()
+        for name in names:
+            merged.addmm_(self.lora_B[name].weight.float(), self.lora_A[name].weight.float(), alpha=self.scaling[name])
+        return merged
+
     @torch.no_grad()
     def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> float:
         """Add ``scaling · B A`` of each named (default: active) adapter into the base weight. Idempotent.
+
+        Adapters with NaN/inf values are always refused (see :meth:`check_merge`). While an adapter is merged,
+        a backward pass that would train it raises (its A and B are not used). A quantized base keeps its
+        packed weight from before the first merge, so unmerging every adapter restores it bit for bit.
 
         Returns:
             For a quantized base, the largest change re-quantization made to the merged weight (the merge is lossy
             there: see :func:`lorakit.merge_and_unload`); 0.0 for float bases.
 
         Raises:
-            ValueError: with ``safe_merge``, if the merged weight has NaN/Inf (the base is left unchanged).
+            ValueError: for non-finite adapters, or with ``safe_merge`` a merged weight that is not finite in the
+                base's dtype (the base is left unchanged).
         """
         names = self._unmerged_active(adapter_names)
         if not names:
             return 0.0
+        self.check_merge(names)
         weight = dense_weight(self.base_layer)
         if weight.dtype == torch.float32 and not safe_merge and type(self.base_layer) is nn.Linear:
             for name in names:  # in place, one pass over the weight per adapter
                 weight.addmm_(self.lora_B[name].weight.float(), self.lora_A[name].weight.float(),
                               alpha=self.scaling[name])
-            self.merged_adapters.extend(names)
+            self._merged(names)
             return 0.0
-        merged = weight.to(torch.float32) if weight.dtype != torch.float32 else weight.clone()
-        for name in names:
-            merged.addmm_(self.lora_B[name].weight.float(), self.lora_A[name].weight.float(), alpha=self.scaling[name])
-        if safe_merge and not torch.isfinite(merged).all():
-            raise ValueError(f"merging adapters {names} gives non-finite weights; the base was left unchanged")
+        merged = self._merged_weight(names)
+        if safe_merge:
+            self.check_merge(names, whole_weight=True)
+        quantized = isinstance(self.base_layer, QuantizedBase)
+        if quantized and not self.merged_adapters:  # See Note: exact unmerge
+            attributes = {k: v for k, v in vars(self.base_layer).items() if not k.startswith("_") and k != "training"}
+            self._original = (dict(self.base_layer._buffers), attributes)
+        elif weight.dtype in (torch.float16, torch.bfloat16):  # what an unmerge will leave of the original
+            back = (merged.to(weight.dtype).float() - (merged - weight.float())).to(weight.dtype)
+            self._unmerge_drift = max(getattr(self, "_unmerge_drift", 0.0),
+                                      (back.float() - weight.float()).abs().max().item())
         set_dense_weight(self.base_layer, merged)
-        self.merged_adapters.extend(names)
-        if isinstance(self.base_layer, QuantizedBase):
+        self._merged(names)
+        if quantized:
             return (dense_weight(self.base_layer).float() - merged).abs().max().item()
         return 0.0
 
+    def _merged(self, names: list[str]) -> None:
+        self.merged_adapters.extend(names)
+        if _refuse_backward_when_merged not in self._forward_hooks.values():
+            self.register_forward_hook(_refuse_backward_when_merged)
+
     @torch.no_grad()
-    def unmerge(self, adapter_names: list[str] | str | None = None) -> None:
-        """Subtract merged adapters from the base weight, newest first. Idempotent."""
+    def unmerge(self, adapter_names: list[str] | str | None = None) -> float:
+        """Subtract merged adapters from the base weight, newest first. Idempotent.
+
+        Unmerging every merged adapter of a quantized base restores its packed weight exactly (See Note: exact
+        unmerge); otherwise a 16-bit or quantized base cannot get its exact original weights back.
+
+        Returns:
+            The largest difference left between the base weights and their originals (0.0 when exact).
+        """
         if isinstance(adapter_names, str):
             adapter_names = [adapter_names]
         names = [n for n in reversed(self.merged_adapters) if adapter_names is None or n in adapter_names]
         if not names:
-            return
+            return 0.0
+        original = getattr(self, "_original", None)
+        if original is not None and len(names) == len(self.merged_adapters):
+            buffers, attributes = original
+            self.base_layer.__dict__.update(attributes)
+            for key, saved in buffers.items():  # follow a .to(device) made while merged
+                now = self.base_layer._buffers.get(key)
+                moved = saved is not None and now is not None and saved.device != now.device
+                self.base_layer._buffers[key] = saved.to(now.device) if moved else saved
+            self._original = None
+            self._all_unmerged()
+            return 0.0
         weight = dense_weight(self.base_layer)
         in_place = weight.dtype == torch.float32 and type(self.base_layer) is nn.Linear
         weight = weight if in_place else weight.to(torch.float32)
         for name in names:
             weight.addmm_(self.lora_B[name].weight.float(), self.lora_A[name].weight.float(), alpha=-self.scaling[name])
             self.merged_adapters.remove(name)
-        if in_place:
-            return
-        set_dense_weight(self.base_layer, weight)
+        error = 0.0
+        if not in_place:
+            set_dense_weight(self.base_layer, weight)
+            if isinstance(self.base_layer, QuantizedBase):
+                error = (dense_weight(self.base_layer).float() - weight).abs().max().item()
+            else:
+                error = getattr(self, "_unmerge_drift", 0.0)
+        if not self.merged_adapters:
+            self._all_unmerged()
+        return error
+
+    def _all_unmerged(self) -> None:
+        self.merged_adapters.clear()
+        self._unmerge_drift = 0.0
+        for key in [k for k, hook in self._forward_hooks.items() if hook is _refuse_backward_when_merged]:
+            del self._forward_hooks[key]
 
     def extra_repr(self) -> str:
         ranks = ", ".join(f"{n}: r={self.r[n]}" for n in self.lora_A)
         return f"in_features={self.in_features}, out_features={self.out_features}, adapters=({ranks})"
+
+
+def _refuse_backward_when_merged(module: LoraLinear, args, output):
+    """Forward hook while adapters are merged: a backward pass through this output would leave trainable merged
+    adapters without gradients (their A and B are not used), so it raises instead of training nothing."""
+    if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor)):
+        return None
+    trainable = [n for n in module.merged_adapters
+                 if module.lora_A[n].weight.requires_grad or module.lora_B[n].weight.requires_grad]
+    if not trainable:
+        return None
+    return _MergedGuard.apply(output, module.lora_A[trainable[0]].weight, tuple(trainable))
+
+
+class _MergedGuard(torch.autograd.Function):
+    """Identity in forward, tied to a merged adapter's weight so that backward reaches it and raises."""
+
+    @staticmethod
+    def forward(ctx, output, weight, names):  # noqa: D102
+        ctx.names = names
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        raise RuntimeError(f"adapter(s) {list(ctx.names)} are merged into the base weights, so backward cannot train "
+                           "them; call lorakit.unmerge_adapter(model) before training")
 
 
 def _add_low_rank(result: torch.Tensor, xa: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:

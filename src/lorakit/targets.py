@@ -17,6 +17,7 @@ from torch import nn
 
 from .base import is_supported_base
 from .config import LoraConfig
+from .fields import ConfigError
 
 __all__ = ["resolve_targets", "select_targets", "output_head_paths", "matches", "is_linear_like", "DEFAULT_TARGETS",
            "minimal_target_list", "expanded_target_modules"]
@@ -44,20 +45,22 @@ def matches(spec: list[str] | str | None, path: str) -> bool:
     return any(path == name or path.endswith("." + name) for name in spec)
 
 
-def _in_layers(path: str, cfg: LoraConfig) -> bool:
-    if cfg.layers_to_transform is None:
-        return True
-    wanted = [cfg.layers_to_transform] if isinstance(cfg.layers_to_transform, int) else list(cfg.layers_to_transform)
+def _layer_of(path: str, cfg: LoraConfig) -> int | None:
     patterns = cfg.layers_pattern
     if patterns:
         patterns = [patterns] if isinstance(patterns, str) else list(patterns)
         found = [re.match(rf".*\.{p}\.(\d+)\.", path) for p in patterns]
         found = [m for m in found if m]
-        index = int(found[0].group(1)) if found else None
-    else:
-        m = _LAYER_INDEX.match(path)
-        index = int(m.group(1)) if m else None
-    return index is not None and index in wanted
+        return int(found[0].group(1)) if found else None
+    m = _LAYER_INDEX.match(path)
+    return int(m.group(1)) if m else None
+
+
+def _in_layers(path: str, cfg: LoraConfig) -> bool:
+    if cfg.layers_to_transform is None:
+        return True
+    wanted = [cfg.layers_to_transform] if isinstance(cfg.layers_to_transform, int) else list(cfg.layers_to_transform)
+    return _layer_of(path, cfg) in wanted
 
 
 def output_head_paths(model: nn.Module) -> set[str]:
@@ -87,6 +90,7 @@ def select_targets(named: list[tuple[str, nn.Module]], cfg: LoraConfig, heads: s
     spec = DEFAULT_TARGETS if cfg.target_modules is None else cfg.target_modules
     all_linear = spec == "all-linear" or spec == ["all-linear"]
     chosen = []
+    other_layers: set[int] = set()  # layers of modules the spec names but layers_to_transform leaves out
     for path, module in named:
         if not path:
             continue
@@ -94,7 +98,12 @@ def select_targets(named: list[tuple[str, nn.Module]], cfg: LoraConfig, heads: s
             hit = is_linear_like(module) and path not in heads
         else:
             hit = matches(spec, path)
-        if not hit or matches(cfg.exclude_modules, path) or not _in_layers(path, cfg):
+        if not hit or matches(cfg.exclude_modules, path):
+            continue
+        if not _in_layers(path, cfg):
+            index = _layer_of(path, cfg)
+            if index is not None:
+                other_layers.add(index)
             continue
         if not is_linear_like(module):
             if isinstance(spec, str):
@@ -104,6 +113,12 @@ def select_targets(named: list[tuple[str, nn.Module]], cfg: LoraConfig, heads: s
                 "(nn.Linear, Conv1D, NF4Linear, Int8Linear); name the linear layers inside it instead"
             )
         chosen.append(path)
+    if not chosen and other_layers:
+        raise ConfigError(
+            f"layers_to_transform={cfg.layers_to_transform!r} names no layer of {model_name} that holds "
+            f"target_modules={spec!r}: its layers are numbered {min(other_layers)}-{max(other_layers)}; "
+            "pick indices in that range"
+        )
     if not chosen:
         names = sorted({p.split(".")[-1] for p, m in named if p and is_linear_like(m)})
         raise ValueError(
