@@ -42,12 +42,16 @@ CHATML_TEMPLATE = (
 )
 
 
-def make_byte_tokenizer(chat_template=CHATML_TEMPLATE):
+def make_byte_tokenizer(chat_template=CHATML_TEMPLATE, merges=()):
+    """Byte-level BPE (one token per byte, plus a token per ``merges`` pair) with ChatML special tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    vocab = {c: i for i, c in enumerate(alphabet)}
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=list(merges)))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     hf = PreTrainedTokenizerFast(

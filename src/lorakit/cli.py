@@ -379,6 +379,27 @@ def _combine(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _export(ns: argparse.Namespace) -> int:
+    from .gguf_export import export_gguf, export_gguf_adapter
+
+    adapters = ns.adapter or []
+    weights = ns.weight or [1.0] * len(adapters)
+    if len(weights) != len(adapters):
+        raise ValueError(f"{len(adapters)} --adapter and {len(weights)} --weight given; give one --weight per "
+                         "--adapter, in order")
+    if ns.adapter_only:
+        if len(adapters) != 1 or ns.weight:
+            raise ValueError("--adapter-only writes one adapter as a GGUF LoRA adapter; give exactly one --adapter "
+                             "and no --weight")
+        result = export_gguf_adapter(adapters[0], ns.output, base=ns.model, outtype=ns.outtype or "f32",
+                                     overwrite=ns.overwrite)
+    else:
+        result = export_gguf(ns.model, ns.output, list(zip(adapters, weights)), ns.outtype or "f16",
+                             verify=ns.verify == "probe", overwrite=ns.overwrite, tokenizer_pre=ns.tokenizer_pre)
+    print(result)
+    return 0
+
+
 def _inspect(ns: argparse.Namespace) -> int:
     import json
 
@@ -524,6 +545,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of DARE's random masks (default: 0)")
     p.add_argument("--model", default=EMBEDDED_NAME, help=f"base model the adapters were trained on (default: "
                                                           f"{EMBEDDED_NAME})")
+
+    p = command("export", _export, "write base + adapters (merged, streamed) or an adapter alone as a GGUF file "
+                "for llama.cpp / Ollama")
+    p.add_argument("--format", choices=("gguf",), default="gguf", help="output format (gguf)")
+    p.add_argument("--model", default=EMBEDDED_NAME, help=f"base model directory (default: {EMBEDDED_NAME})")
+    p.add_argument("--adapter", action="append", metavar="DIR", help="adapter to merge (repeatable; none: the base)")
+    p.add_argument("--weight", action="append", type=float, metavar="W", help="weight of each --adapter, in order")
+    p.add_argument("--output", required=True, metavar="FILE.gguf")
+    p.add_argument("--outtype", choices=("f32", "f16", "bf16", "q8_0"),
+                   help="type of the 2-D weights (default: f16; f32 for --adapter-only); norms stay f32")
+    p.add_argument("--adapter-only", action="store_true", help="write the one --adapter as a GGUF LoRA adapter "
+                   "(llama.cpp --lora, Ollama ADAPTER); --model gives the base's config.json")
+    p.add_argument("--verify", choices=("probe", "none"), default="probe", help="probe-check each merged weight")
+    p.add_argument("--tokenizer-pre", metavar="NAME", help="llama.cpp pre-tokenizer name (default: 'smollm' for the "
+                   "embedded model, else 'default')")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
 
     p = command("inspect", _inspect, "what an adapter directory holds; with --model, whether it fits that base")
     p.add_argument("adapter_dir", metavar="ADAPTER_DIR")

@@ -206,7 +206,7 @@ def _checkpoint_keys(model: nn.Module, present: set[str]) -> dict[str, str]:
     return keys
 
 
-def _adapter_arg(adapters) -> list[tuple[Path, float]]:
+def _adapter_arg(adapters, allow_none: bool = False) -> list[tuple[Path, float]]:
     if isinstance(adapters, (str, os.PathLike)):
         adapters = [adapters]
     out = []
@@ -215,13 +215,13 @@ def _adapter_arg(adapters) -> list[tuple[Path, float]]:
         if not isinstance(weight, (int, float)) or not math.isfinite(weight):
             raise ValueError(f"adapter weight {weight!r} for {path} must be a finite number")
         out.append((Path(path), float(weight)))
-    if not out:
+    if not out and not allow_none:
         raise ValueError("no adapter given; pass one or more adapter directories")
     return out
 
 
 def plan_merge(base: str | os.PathLike, adapters, dtype: torch.dtype | str | None = None,
-               max_shard_size: int | None = None) -> MergePlan:
+               max_shard_size: int | None = None, allow_no_adapter: bool = False) -> MergePlan:
     """Check the adapters against the base and plan the streamed merge; reads headers and adapter files only.
 
     Args:
@@ -270,7 +270,7 @@ def plan_merge(base: str | os.PathLike, adapters, dtype: torch.dtype | str | Non
     heads = output_head_paths(model)
     adapter_list = []
     untie = False
-    for path, weight in _adapter_arg(adapters):
+    for path, weight in _adapter_arg(adapters, allow_no_adapter):
         cfg = LoraConfig.load(path)
         tensors = _strip_prefix(_read_tensors(path))
         used = _plan_adapter(path, weight, cfg, tensors, model, modules, heads, keys, out)
