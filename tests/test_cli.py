@@ -387,3 +387,11 @@ def test_adapter_directories_with_dots_get_safe_default_names(capsys, tiny, tmp_
     code, out, err = run(capsys, "generate", "--model", tiny[0], "--adapter", tiny[1], "--adapter", tmp_path / "v1.5",
                          "--active", "v1_5", "--max-new-tokens", 1, "hi")
     assert code == 0, err
+
+
+def test_a_model_without_tokenizer_is_one_line(capsys, tmp_path):
+    make_tiny_llama().save_pretrained(tmp_path / "base")
+    capsys.readouterr()  # save_pretrained's progress bar
+    code, out, err = run(capsys, "generate", "--model", tmp_path / "base", "--max-new-tokens", 1, "hi")
+    assert code == 2 and err.startswith("lorakit: error: ") and err.count("\n") == 1, err
+    assert "holds no tokenizer" in err

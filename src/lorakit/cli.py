@@ -13,6 +13,7 @@ import argparse
 import difflib
 import re
 import sys
+import warnings
 from pathlib import Path
 
 __all__ = ["main", "build_parser"]
@@ -104,7 +105,14 @@ def _load(ns: argparse.Namespace):
     import lorakit
 
     _quiet_loading()
-    model, tokenizer = lorakit.load_model(ns.model, quantization=getattr(ns, "quantization", None))
+    with warnings.catch_warnings(record=True) as caught:  # a missing tokenizer is this command's one error line
+        warnings.simplefilter("always")
+        model, tokenizer = lorakit.load_model(ns.model, quantization=getattr(ns, "quantization", None))
+    if tokenizer is None:
+        raise ValueError(f"{ns.model} holds no tokenizer, which this command needs; save one there with "
+                         "tokenizer.save_pretrained")
+    for w in caught:
+        warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     dirs = ns.adapter or []
     names = ns.adapter_name or (["default"] if len(dirs) == 1 else
                                 [re.sub(r"[^A-Za-z0-9_-]", "_", Path(d).resolve().name) for d in dirs])

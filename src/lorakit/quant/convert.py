@@ -182,8 +182,11 @@ def _set_tensor(model: nn.Module, key: str, value: torch.Tensor) -> None:
     """Replace parameter or buffer ``key`` (a meta placeholder or a real tensor) by ``value``."""
     path, _, name = key.rpartition(".")
     module = model.get_submodule(path) if path else model
+    old = module._parameters.get(name, module._buffers.get(name))
+    if old is not None and old.shape != value.shape:
+        raise ValueError(f"checkpoint tensor {key} has shape {tuple(value.shape)}, the model built from config.json "
+                         f"needs {tuple(old.shape)}; the checkpoint is corrupt or belongs to another model")
     if name in module._parameters:
-        old = module._parameters[name]
         module._parameters[name] = nn.Parameter(value, requires_grad=old.requires_grad)
     elif name in module._buffers:
         module._buffers[name] = value
@@ -226,7 +229,6 @@ def load_quantized(
         ValueError: for a bad quantization, no safetensors files, checkpoint tensors the model lacks, or
             model tensors the checkpoint lacks.
     """
-    from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM
 
     _check_quantization(quantization)
@@ -245,22 +247,18 @@ def load_quantized(
     quantized_from_float: set[str] = set()
     unexpected: list[str] = []
     for shard in _shards(checkpoint_dir):
-        with safe_open(shard, framework="pt", device="cpu") as f:
-            for key in f.keys():
-                owner = _owner(key, target_set)
-                if owner is None and key not in expected:
-                    unexpected.append(key)
-                    continue
-                tensor = f.get_tensor(key)
-                if owner is None:
-                    _set_tensor(model, key, tensor.to(dtype) if tensor.is_floating_point() else tensor)
-                elif key == f"{owner}.weight" and tensor.is_floating_point() and tensor.dim() == 2:
-                    # quantize on arrival, from the same values quantize_model_ would see in a model loaded in dtype
-                    model.get_submodule(owner).set_weight_(tensor.to(dtype))
-                    quantized_from_float.add(owner)
-                else:  # bias, or a piece of a pre-quantized (bitsandbytes) weight
-                    pieces[owner][key[len(owner) + 1 :]] = tensor
-                del tensor  # the full-precision tensor is freed before the next one is read
+        for key, tensor in _shard_tensors(shard, lambda k: _owner(k, target_set) is not None or k in expected,
+                                          unexpected):
+            owner = _owner(key, target_set)
+            if owner is None:
+                _set_tensor(model, key, tensor.to(dtype) if tensor.is_floating_point() else tensor)
+            elif key == f"{owner}.weight" and tensor.is_floating_point() and tensor.dim() == 2:
+                # quantize on arrival, from the same values quantize_model_ would see in a model loaded in dtype
+                model.get_submodule(owner).set_weight_(tensor.to(dtype))
+                quantized_from_float.add(owner)
+            else:  # bias, or a piece of a pre-quantized (bitsandbytes) weight
+                pieces[owner][key[len(owner) + 1 :]] = tensor
+            del tensor  # the full-precision tensor is freed before the next one is read
     for path, parts in pieces.items():
         if "bias" in parts:
             parts["bias"] = parts["bias"].to(dtype)
@@ -284,6 +282,27 @@ def load_quantized(
             "was it written by save_pretrained of this architecture?"
         )
     return model.eval()
+
+
+def _shard_tensors(shard: str, wanted, unexpected: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(key, tensor)`` for the keys of ``shard`` that ``wanted(key)`` accepts, one tensor at a time; the others
+    are added to ``unexpected``.
+
+    Raises:
+        ValueError: naming the shard, for a truncated or corrupt file (safetensors' own error has no file name).
+    """
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(shard, framework="pt", device="cpu") as f:
+            for key in f.keys():
+                if not wanted(key):
+                    unexpected.append(key)
+                    continue
+                yield key, f.get_tensor(key)
+    except (SafetensorError, OSError, OverflowError) as err:
+        raise ValueError(f"{shard} cannot be read ({err}); the checkpoint is corrupt or truncated, save or copy it "
+                         "again") from None
 
 
 def _owner(key: str, targets: set[str]) -> str | None:

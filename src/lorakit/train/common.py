@@ -93,6 +93,9 @@ def start_run(args) -> tuple[Path, nn.Module, Any]:
     qlora = args.method == "qlora"
     model, tokenizer = load_model(args.model, quantization="nf4" if qlora else None, compute_dtype=dtype,
                                   dtype=torch.float32 if qlora else dtype)
+    if tokenizer is None:
+        raise ValueError(f"{args.model} holds no tokenizer, which training needs; save one there with "
+                         "tokenizer.save_pretrained")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return out, model, tokenizer
