@@ -36,10 +36,6 @@ class Scored:
         return sum(p["correct"] for p in self.predictions)
 
 
-def _target(completion: Any) -> str:
-    return completion if isinstance(completion, str) else completion[-1]["content"]
-
-
 def scorable_rows(rows: Sequence[dict]) -> list[dict]:
     """The rows that have an answer to compare with: prompt/completion rows, and message rows ending with an
     assistant turn (the earlier turns are the prompt). Text rows have none and are left out."""
@@ -66,6 +62,7 @@ def score_rows(model: Any, tokenizer: Any, rows: Sequence[dict], metric: Callabl
         ValueError: no row has an answer (see :func:`scorable_rows`).
     """
     from .evaluate import generate_answers
+    from .tasks import row_answer
 
     rows = scorable_rows(rows)
     if not rows:
@@ -75,7 +72,7 @@ def score_rows(model: Any, tokenizer: Any, rows: Sequence[dict], metric: Callabl
                                max_new_tokens=max_new_tokens, progress=progress, desc=desc)
     predictions = []
     for row, answer in zip(rows, answers):
-        target = _target(row["completion"])
+        target = row_answer(row)
         entry = {"prompt": row["prompt"], "target": target, "prediction": answer, "correct": bool(metric(answer, target))}
         if getattr(row, "where", ""):
             entry["where"] = row.where

@@ -124,3 +124,8 @@ def test_make_split_errors():
         make_split("dates", -1, 5)
     with pytest.raises(ValueError, match="did you mean"):
         make_split("reverso", 1, 1)
+
+
+def test_row_answer_of_text_and_message_completions():
+    assert row_answer({"prompt": "2+2=", "completion": "4"}) == "4"
+    assert row_answer({"prompt": [], "completion": [{"role": "assistant", "content": "4"}]}) == "4"

@@ -94,8 +94,9 @@ def get_task(name: str) -> Task:
 
 
 def row_answer(row: dict[str, Any]) -> str:
-    """The reference answer of a task row (its assistant completion)."""
-    return row["completion"][-1]["content"]
+    """The reference answer of a row: its completion text, or the content of its last completion message."""
+    completion = row["completion"]
+    return completion if isinstance(completion, str) else completion[-1]["content"]
 
 
 def _draw(task: Task, stream: str, n: int, taken: set[str]) -> list[dict[str, Any]]:
