@@ -49,8 +49,9 @@ class SFTArgs:
     """A JSONL/JSON file of prompt/completion, messages or text rows."""
     val_file: str | None = None
     """A separate validation file; otherwise ``val_fraction`` of the training file is held out."""
-    val_fraction: float = 0.0
-    """Fraction of ``train_file`` held out for validation when there is no ``val_file``."""
+    val_fraction: float | None = None
+    """Fraction of ``train_file`` held out for validation when there is no ``val_file``; unset: 10% (at most 200
+    rows, none below 20 rows), said in the log; 0 holds nothing out."""
     n_train: int = 480
     """Training examples drawn from a built-in task."""
     n_eval: int = 200
@@ -62,7 +63,15 @@ class SFTArgs:
     packing: bool = False
     """Pack short examples into rows of ``max_length`` tokens."""
     skip_bad_rows: bool = False
-    """Count and skip malformed rows instead of stopping at the first one."""
+    """Skip malformed rows instead of stopping at the first one (the log says how many and which)."""
+    columns: dict[str, str] | None = None
+    """Your file's columns for lorakit's keys, e.g. ``{prompt: query, completion: label}``; ``input``/``target``,
+    ``instruction``/``input``/``output``, ``question``/``answer`` and ``prompt``/``response`` need none."""
+    prompt_format: str = "auto"
+    """``auto`` (text prompts raw, message prompts through the chat template), ``chat`` or ``raw``; recorded in the
+    adapter directory for ``lorakit eval`` / ``generate`` / ``chat``."""
+    system_prompt: str | None = None
+    """System message put before chat-formatted prompts (with ``auto``, text prompts then use the chat template)."""
     # --- optimisation
     lr: float = 2e-3
     """Peak learning rate."""
@@ -95,7 +104,12 @@ class SFTArgs:
     eval_every: int = 0
     """Validation loss every N steps (0: only at the end)."""
     eval_accuracy: bool = True
-    """Measure exact-match accuracy on the held-out set before and after training (built-in tasks)."""
+    """Score the held-out rows (task or validation set) before training, every ``eval_every`` steps and after."""
+    metric: str = "exact"
+    """The score: ``exact`` (after strip), ``contains``, ``normalized`` (case, spaces, punctuation) or your
+    ``module:function(prediction, target) -> bool``."""
+    report_to: str | list[str] = "none"
+    """``none`` or ``tensorboard`` (event files in ``output_dir/tensorboard``; pip install 'lorakit[tensorboard]')."""
     val_loss_rows: int = 0
     """Validation rows used for the validation loss (0: all); accuracy always uses every held-out row."""
     early_stopping_patience: int = 0
@@ -132,7 +146,9 @@ class SFTArgs:
         check_range("lora_dropout", self.lora_dropout, low=0, high=1, high_open=True)
         check_range("min_lr_ratio", self.min_lr_ratio, low=0, high=1)
         check_range("weight_decay", self.weight_decay, low=0)
-        check_range("val_fraction", self.val_fraction, low=0, high=1, high_open=True)
+        if self.val_fraction is not None:
+            check_range("val_fraction", self.val_fraction, low=0, high=1, high_open=True)
+        _check_own_data_fields(self)
         check_range("max_grad_norm", self.max_grad_norm, low=0, fix="0 disables clipping")
         if not str(self.output_dir).strip():
             raise ConfigError("output_dir='' is empty; name a directory such as runs/sft")
@@ -155,6 +171,29 @@ class DPOArgs(SFTArgs):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_range("beta", self.beta, low=0, low_open=True, fix="DPO papers use 0.1 to 0.5")
+
+
+def _check_own_data_fields(args: SFTArgs) -> None:
+    """``columns``, ``prompt_format``, ``metric`` and ``report_to`` checked when the config is built (a user metric
+    module is imported here: naming it in a config is the request to run it)."""
+    from ..data.prompt_format import PROMPT_FORMATS
+    from ..data.schemas import check_columns
+    from ..reporting import check_report_to
+    from ..tasks import get_metric
+
+    if args.prompt_format not in PROMPT_FORMATS:
+        raise ConfigError(f"prompt_format={args.prompt_format!r}; use one of {list(PROMPT_FORMATS)}")
+    if args.prompt_format == "raw" and args.system_prompt is not None:
+        raise ConfigError("system_prompt needs the chat template; remove it or set prompt_format: chat")
+    try:
+        if args.columns is not None:
+            check_columns(args.columns)
+        get_metric(args.metric)
+        check_report_to(args.report_to)
+    except ConfigError:
+        raise
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def _coerce(value: str, annotation: Any, name: str) -> Any:
