@@ -7,9 +7,10 @@ to 10%, gradient clipping at 1.0, loss on completion tokens only (mean over the 
 trains as its own loop does (``sft_loss``, cheap-activation recompute, oneDNN frozen linears); PEFT runs the
 model's own forward and a cross-entropy on the shifted logits. Steps alternate between the two so that machine
 noise hits both alike. Both are scored by the same greedy generation and exact match on the task's 200 held-out
-rows (``lorakit.evaluate.exact_match``), at every ``--eval-at`` step.
+rows (``lorakit.evaluate.exact_match``; both with their adapters merged while generating), at every ``--eval-at``
+step. The train time of each side is the sum of its step times (forward, backward, clipping, optimizer).
 
-Usage: python bench/bench_quality.py [--steps 30] [--eval-at 15,30] [--threads 2] [--tasks dates,extract,reverse]
+Usage: python bench/bench_quality.py [--steps 30] [--eval-at 30] [--threads 2] [--tasks dates,extract,reverse]
 Prints one JSON line per task and a Markdown table at the end.
 """
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import sys
 import time
 
 import torch
@@ -106,10 +108,19 @@ def run_task(name: str, base, tokenizer, args) -> dict:
             opts[side].zero_grad(set_to_none=True)
             seconds[side] += time.perf_counter() - start
             losses[side].append(round(loss.item(), 5))
+        print(f"{name} step {step}: " + ", ".join(f"{s} {losses[s][-1]:.4f}" for s in sides), file=sys.stderr,
+              flush=True)
         if step in args.eval_at:
             for side in sides:
-                acc[side][step], _ = exact_match(sides[side][0], tokenizer, eval_rows, task.score, batch_size=32)
-                sides[side][0].train()
+                model = sides[side][0]
+                if side == "peft":
+                    model.merge_adapter()  # lorakit's generate_answers merges its own adapters the same way
+                try:
+                    acc[side][step], _ = exact_match(model, tokenizer, eval_rows, task.score, batch_size=32)
+                finally:
+                    if side == "peft":
+                        model.unmerge_adapter()
+                model.train()
     return {"task": name, "steps": args.steps, "base": base_acc, "accuracy": acc, "train_seconds": seconds,
             "first_losses": {s: v[:5] for s, v in losses.items()}, "last_loss": {s: v[-1] for s, v in losses.items()}}
 
@@ -117,7 +128,7 @@ def run_task(name: str, base, tokenizer, args) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--eval-at", default="15,30", help="steps at which both sides are scored")
+    parser.add_argument("--eval-at", default="30", help="steps at which both sides are scored (comma-separated)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tasks", default="dates,extract,reverse")
     args = parser.parse_args()
