@@ -58,7 +58,7 @@ def _lorakit_side(base, config):
 def _peft_side(base, ours, kw):
     import peft
 
-    model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(task_type="CAUSAL_LM", **kw))
+    model = peft.get_peft_model(base, peft.LoraConfig(task_type="CAUSAL_LM", **kw))  # wraps (and changes) base
     theirs = {n: p for n, p in model.named_parameters() if p.requires_grad}
     mine = {n: p for n, p in ours.named_parameters() if p.requires_grad}
     assert len(theirs) == len(mine), (len(theirs), len(mine))
@@ -83,13 +83,15 @@ def run_task(name: str, base, tokenizer, args) -> dict:
     torch.manual_seed(0)
     ours = _lorakit_side(base, lorakit.LoraConfig(**kw))
     theirs = _peft_side(base, ours, kw)
+    # lora_B starts at zero, so before the first step both sides compute the base model: its accuracy is measured
+    # on lorakit's side (no third copy of the weights in memory).
+    base_acc, _ = exact_match(ours, tokenizer, eval_rows, task.score, batch_size=32)
     sides = {"lorakit": (ours, lambda m, b: sft_loss(m, b)[0]), "peft": (theirs, _peft_loss)}
     opts, scheds = {}, {}
     for side, (model, _) in sides.items():
         model.train()
         opts[side] = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3, weight_decay=0.0)
         scheds[side] = torch.optim.lr_scheduler.LambdaLR(opts[side], lambda s: cosine_schedule(s, 3, args.steps, 0.1))
-    base_acc, _ = exact_match(base, tokenizer, eval_rows, task.score, batch_size=32)
     seconds = {side: 0.0 for side in sides}
     losses = {side: [] for side in sides}
     acc = {side: {} for side in sides}
@@ -138,7 +140,9 @@ def main() -> None:
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     results = []
-    for name in args.tasks.split(","):
+    for i, name in enumerate(args.tasks.split(",")):
+        if i:
+            base, _ = lorakit.load_model()  # the previous task's PEFT side wrapped the base
         result = run_task(name, base, tokenizer, args)
         print(json.dumps(result), flush=True)
         results.append(result)
