@@ -270,14 +270,15 @@ def load_quantized(
             try:
                 model.get_submodule(path).load_state_dict(parts, strict=True)
             except RuntimeError as e:
-                raise ValueError(f"cannot load the pre-quantized tensors of {path!r}: {e}") from e
+                raise ValueError(f"{checkpoint_dir}: cannot load the pre-quantized tensors of {path!r} "
+                                 f"({' '.join(str(e).split())}); is the checkpoint corrupt?") from None
     model.tie_weights()
     record_quantization_config(model)
     state = model.state_dict(keep_vars=True)
     missing = sorted(k for k, v in state.items() if v is not None and v.device.type == "meta")
     if unexpected or missing:
         raise ValueError(
-            f"checkpoint {checkpoint_dir!r} does not match the model built from its config: unexpected tensors "
+            f"checkpoint {str(checkpoint_dir)!r} does not match the model built from its config: unexpected tensors "
             f"{sorted(unexpected)[:5]} ({len(unexpected)} in all), missing {missing[:5]} ({len(missing)} in all); "
             "was it written by save_pretrained of this architecture?"
         )

@@ -274,6 +274,9 @@ def _read_yaml(path: Path) -> Any:
         seen: dict[Any, int] = {}
         for key_node, _ in node.value:
             key = loader.construct_object(key_node)
+            if not isinstance(key, (str, int, float, bool)) and key is not None:  # "? [a]: 1" makes a list a key
+                raise ConfigError(f"{path}: line {key_node.start_mark.line + 1}: the key {key!r} is not a field "
+                                  "name; write field: value")
             if key in seen:
                 raise ConfigError(f"{path}: key {key!r} appears twice (lines {seen[key]} and "
                                   f"{key_node.start_mark.line + 1}); keep one")
