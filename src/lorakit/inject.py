@@ -218,13 +218,13 @@ def merge_and_unload(model: nn.Module, safe_merge: bool = False, adapter_names: 
     The merged model has the base's dtype and architecture, so it runs with no added latency and saves like the
     original (``save_pretrained`` writes the same keys and size).
 
+    On a quantized (NF4/int8) base the merged weight is re-quantized, which is lossy: a warning gives the largest
+    weight change; dequantize first (``lorakit.quant.dequantize_model_``) to deploy an exact merge.
+
     Args:
         model: a model with adapters; modified in place and returned.
         safe_merge: also check every merged weight for NaN/Inf (in the base's dtype) before any layer is
             changed (ValueError names the layer). Adapters with NaN/Inf values are refused either way.
-
-    On a quantized (NF4/int8) base the merged weight is re-quantized, which is lossy: a warning gives the largest
-    weight change; dequantize first (``lorakit.quant.dequantize_model_``) to deploy an exact merge.
         adapter_names: adapters to merge (default: the active ones).
 
     Raises:
