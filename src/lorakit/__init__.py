@@ -21,6 +21,7 @@ from .merge import MergeReport, save_merged, verify_merge
 from .models import EMBEDDED_NAME, load_model
 from .peft_format import adapter_state_dict, from_pretrained, load_adapter, save_adapter
 from .recompute import recompute_cheap_activations, stop_recomputing
+from .save_base import save_with_adapters
 from .weighted import add_weighted_adapter
 from . import optim, quant  # noqa: E402  (subpackages used as lorakit.optim / lorakit.quant)
 
@@ -55,6 +56,7 @@ __all__ = [
     "stop_fast_frozen_linears",
     "save_adapter",
     "save_merged",
+    "save_with_adapters",
     "set_adapter",
     "stop_recomputing",
     "trainable_parameters",

@@ -13,7 +13,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import nn
 
-__all__ = ["QuantizedBase", "is_supported_base", "dense_weight", "set_dense_weight", "base_shape"]
+__all__ = ["QuantizedBase", "is_supported_base", "is_quantized", "dense_weight", "set_dense_weight", "base_shape"]
 
 
 @runtime_checkable
@@ -52,10 +52,22 @@ def base_shape(module: nn.Module) -> tuple[int, int]:
     return module.in_features, module.out_features
 
 
+def is_quantized(module: nn.Module) -> bool:
+    """True for bases whose weight is stored compressed: :class:`QuantizedBase` layers and bitsandbytes'
+    ``Linear4bit`` / int8 ``Linear8bitLt`` (what transformers' ``BitsAndBytesConfig`` gives)."""
+    from .quant.bnb_layers import bnb_kind
+
+    return isinstance(module, QuantizedBase) or bnb_kind(module) is not None
+
+
 def dense_weight(module: nn.Module) -> torch.Tensor:
     """The base's weight as a dense (out, in) tensor (a view for ``nn.Linear``, a new tensor otherwise)."""
+    from .quant.bnb_layers import bnb_dequantize, bnb_kind
+
     if isinstance(module, QuantizedBase):
         return module.dequantize()
+    if bnb_kind(module):
+        return bnb_dequantize(module)
     if _is_conv1d(module):
         return module.weight.data.T  # Conv1D stores (in, out)
     return module.weight.data
@@ -63,8 +75,12 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
 
 def set_dense_weight(module: nn.Module, weight: torch.Tensor) -> None:
     """Replace the base's weight by ``weight`` (out, in), keeping the base's own dtype and storage format."""
+    from .quant.bnb_layers import bnb_kind, bnb_set_weight_
+
     if isinstance(module, QuantizedBase):
         module.set_weight_(weight)
+    elif bnb_kind(module):
+        bnb_set_weight_(module, weight)
     elif _is_conv1d(module):
         module.weight.data.copy_(weight.T.to(module.weight.dtype))
     else:

@@ -10,7 +10,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .adapters import active_adapters, merge_adapter, unmerge_adapter
-from .base import QuantizedBase
+from .base import is_quantized
 from .cpu_matmul import no_grad_linears
 from .data import SFTDataset, collate_sft, encode_prompt
 from .tasks import row_answer, score_exact
@@ -42,7 +42,7 @@ def generate_answers(model: nn.Module, tokenizer: Any, prompts: Sequence[Any], b
     model.eval()
     # Merging removes the per-token LoRA cost while decoding; a quantized base would be re-quantized by it, so it
     # keeps its adapters unmerged.
-    merged = bool(active_adapters(model)) and not any(isinstance(m, QuantizedBase) for m in model.modules())
+    merged = bool(active_adapters(model)) and not any(is_quantized(m) for m in model.modules())
     if merged:
         merge_adapter(model)
     try:

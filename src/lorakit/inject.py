@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .adapters import set_adapter
-from .base import QuantizedBase
+from .base import QuantizedBase, is_quantized
 from .config import LoraConfig
 from .layer import LoraLinear
 from .modules_to_save import ModulesToSave
@@ -244,7 +244,7 @@ def merge_and_unload(model: nn.Module, safe_merge: bool = False, adapter_names: 
     for path, layer in layers.items():
         requant_error = max(requant_error, layer.merge(names))
         _replace(model, path, layer.base_layer)
-    if any(isinstance(layer.base_layer, QuantizedBase) for layer in layers.values()):
+    if any(is_quantized(layer.base_layer) for layer in layers.values()):
         warnings.warn(
             f"merged into a quantized base: re-quantization moved merged weights by up to {requant_error:.3e}, so "
             "outputs differ from the adapter model (measure it with lorakit.verify_merge); to deploy, dequantize "

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import QuantizedBase, base_shape, dense_weight, set_dense_weight
+from .base import QuantizedBase, base_shape, dense_weight, is_quantized, set_dense_weight
 from .fused import down_projection, lora_linear
 
 __all__ = ["LoraLinear"]
@@ -241,7 +241,7 @@ class LoraLinear(nn.Module):
                                       (back.float() - weight.float()).abs().max().item())
         set_dense_weight(self.base_layer, merged)
         self._merged(names)
-        if quantized:
+        if is_quantized(self.base_layer):
             return (dense_weight(self.base_layer).float() - merged).abs().max().item()
         return 0.0
 

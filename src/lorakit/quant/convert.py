@@ -316,28 +316,49 @@ def _owner(key: str, targets: set[str]) -> str | None:
 
 
 def dequantize_model_(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
-    """Replace every quantized linear (including those inside LoRA layers) by an ``nn.Linear`` in ``dtype``.
+    """Replace every quantized linear (including those inside LoRA layers) by an ``nn.Linear`` in ``dtype``, and
+    put the model's other floating weights (embeddings, norms, output head) in ``dtype`` too.
 
     The recommended way to deploy a QLoRA adapter: dequantize the base, then merge in ``dtype``, so the merged
     weights are not rounded to 4 bits a second time (merging into the 4-bit base re-quantizes and changes outputs).
+    Works on lorakit's NF4/int8 layers and on bitsandbytes' ``Linear4bit`` / ``Linear8bitLt`` (a model quantized
+    by transformers; its quantizer is removed, so ``save_pretrained`` writes a plain checkpoint). The whole base
+    ends in one dtype, so the model runs as loaded (a bfloat16 linear after float32 norms would not); LoRA
+    weights keep theirs (merging computes in float32 anyway).
 
     Returns:
         ``model``, modified in place.
     """
-    from lorakit.base import QuantizedBase
+    from lorakit.base import dense_weight, is_quantized
+    from lorakit.layer import LoraLinear
 
     for path, module in list(model.named_modules()):
-        if not path or not isinstance(module, QuantizedBase):
+        if not path or not is_quantized(module):
             continue
+        weight = dense_weight(module)
         dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, dtype=dtype,
-                          device=module.dequantize().device)
+                          device=weight.device)
         with torch.no_grad():
-            dense.weight.copy_(module.dequantize().to(dtype))
+            dense.weight.copy_(weight.to(dtype))
             if module.bias is not None:
                 dense.bias.copy_(module.bias.to(dtype))
         dense.requires_grad_(False)
         _set_submodule(model, path, dense)
+    adapters = {id(p) for m in model.modules() if isinstance(m, LoraLinear)
+                for p in (*m.lora_A.parameters(), *m.lora_B.parameters())}
+    for param in model.parameters():
+        if param.is_floating_point() and id(param) not in adapters and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:  # a transformers + bitsandbytes model: plain again (as transformers' dequantize)
+        quantizer.remove_quantization_config(model)
+    for flag in ("is_loaded_in_4bit", "is_loaded_in_8bit"):
+        if getattr(model, flag, False):
+            setattr(model, flag, False)
     config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "quantization_config"):
-        del config.quantization_config  # the checkpoint is a plain one again
+    if config is not None:
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config  # the checkpoint is a plain one again
+        if hasattr(config, "dtype"):
+            config.dtype = dtype
     return model
