@@ -408,6 +408,25 @@ def _export(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _sweep(ns: argparse.Namespace) -> int:
+    from . import train
+    from .sweep import format_table, sweep
+
+    try:
+        ranks = [int(r) for r in ns.ranks.split(",") if r.strip()] if ns.ranks else []
+    except ValueError:
+        raise ValueError(f"--ranks {ns.ranks!r}: give comma-separated integers, e.g. 4,8,16,64") from None
+    args = train.load_args(train.SFTArgs, ns.config, ns.set)
+    out = ns.output_dir or f"{args.output_dir}-sweep"
+    runs = ", ".join([f"r={r}" for r in ranks] + (["full"] if ns.full_baseline else []))
+    print(f"lorakit sweep: {runs} on {args.model}, {args.train_file or f'task {args.task!r}'}, {args.max_steps} "
+          f"steps each → {out}")
+    rows = sweep(args, ranks, full_baseline=ns.full_baseline, full_lr=ns.full_lr, output_dir=out)
+    print(format_table(rows))
+    print(f"table {out}/sweep.md, plot {out}/sweep.png")
+    return 0
+
+
 def _inspect(ns: argparse.Namespace) -> int:
     import json
 
@@ -569,6 +588,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer-pre", metavar="NAME", help="llama.cpp pre-tokenizer name (default: 'smollm' for the "
                    "embedded model, else 'default')")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+
+    p = command("sweep", _sweep, "train one config at several LoRA ranks (and in full): one table and one plot")
+    p.add_argument("config", nargs="?", metavar="CONFIG.yaml", help="SFT config (default: built-in defaults)")
+    p.add_argument("--ranks", default="4,8,16,64", metavar="R[,R]",
+                   help="ranks to train (default 4,8,16,64: start at 4-8, 16 usually suffices for one task or "
+                        "domain, 64 for several; keep the smallest whose validation loss is as low as the larger)")
+    p.add_argument("--full-baseline", action="store_true",
+                   help="also fine-tune every weight, to see how close the adapters get")
+    p.add_argument("--full-lr", type=float, default=2e-5, help="learning rate of the full baseline (default 2e-5)")
+    p.add_argument("--output-dir", metavar="DIR", help="runs, sweep.md and sweep.png (default: <output_dir>-sweep)")
+    p.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE", help="override config keys")
 
     p = command("inspect", _inspect, "what an adapter directory holds; with --model, whether it fits that base")
     p.add_argument("adapter_dir", metavar="ADAPTER_DIR")
