@@ -99,9 +99,12 @@ def add_adapter(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
         >>> add_adapter(model, cfg)
         >>> print_trainable_parameters(model)
     """
+    from .mixed_batch import install_mixed_batch
+
     _check_name(model, adapter_name)
     with rollback_on_error(model, adapter_name):
         _inject(model, config, adapter_name, dtype)
+    install_mixed_batch(model)  # model(..., adapter_names=[one per row]); see lorakit.mixed_batch
     return model
 
 
