@@ -95,7 +95,7 @@ def test_verify_logits_path_writes_atomically_with_one_file_mode(capsys, tiny, t
 
 
 def test_probe_failure_exits_1_and_writes_nothing(capsys, tiny, tmp_path, monkeypatch):
-    import lorakit.merge_to_disk as m
+    import lorakit.streamed_merge as m
 
     base, adapter = tiny
     monkeypatch.setattr(m, "_probe", _strict_probe(m._probe))

@@ -18,10 +18,12 @@ from .fast_linears import fast_frozen_linears, stop_fast_frozen_linears
 from .inject import adapter_configs, add_adapter, lora_layers, merge_and_unload, unload
 from .layer import LoraLinear
 from .merge import MergeReport, save_merged, verify_merge
+from .gguf_export import export_gguf, export_gguf_adapter
 from .models import EMBEDDED_NAME, load_model
 from .peft_format import adapter_state_dict, from_pretrained, load_adapter, save_adapter
 from .recompute import recompute_cheap_activations, stop_recomputing
 from .save_base import save_with_adapters
+from .streamed_merge import merge_to_disk
 from .weighted import add_weighted_adapter
 from . import optim, quant  # noqa: E402  (subpackages used as lorakit.optim / lorakit.quant)
 
@@ -39,6 +41,8 @@ __all__ = [
     "add_adapter",
     "add_weighted_adapter",
     "delete_adapter",
+    "export_gguf",
+    "export_gguf_adapter",
     "disable_adapter",
     "from_pretrained",
     "load_adapter",
@@ -47,6 +51,7 @@ __all__ = [
     "mark_only_adapters_trainable",
     "merge_adapter",
     "merge_and_unload",
+    "merge_to_disk",
     "optim",
     "quant",
     "print_trainable_parameters",

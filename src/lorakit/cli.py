@@ -270,7 +270,7 @@ def _init(ns: argparse.Namespace) -> int:
 def _merge(ns: argparse.Namespace) -> int:
     from .config import LoraConfig
     from .merge_plan import resolve_base
-    from .merge_to_disk import MergeCheckError, check_output_path, merge_to_disk
+    from .streamed_merge import MergeCheckError, check_output_path, merge_to_disk
 
     base_dir = resolve_base(ns.model)
     weights = ns.weight or [1.0] * len(ns.adapter)
@@ -432,12 +432,24 @@ def _inspect(ns: argparse.Namespace) -> int:
 
     from .inspect import check_fit, format_inspection, inspect_adapter
 
+    from .deploy_preview import deploy_preview, format_preview, serving_support
+
     info = inspect_adapter(ns.adapter_dir)
     problems = check_fit(ns.adapter_dir, ns.model) if ns.model else None
+    serving = serving_support(ns.adapter_dir)
+    preview = None
+    if ns.plan and not problems:  # the preview reads the base's headers: what `merge` / `export` would write
+        base = ns.model or info["base_model"]
+        if not base:
+            raise ValueError(f"--plan needs the base: pass --model (the adapter config names none)")
+        preview = deploy_preview(ns.adapter_dir, base, dtype=ns.dtype,
+                                 outtype=(ns.outtype or "f16") if ns.plan == "gguf" else None)
     if ns.json:
-        print(json.dumps(dict(info, fits=None if problems is None else not problems, problems=problems), indent=2))
+        print(json.dumps(dict(info, fits=None if problems is None else not problems, problems=problems,
+                              serving=serving, plan=preview), indent=2))
     else:
         print(format_inspection(info, problems, ns.model))
+        print(format_preview(preview, serving))
     return 1 if problems else 0
 
 
@@ -603,6 +615,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("inspect", _inspect, "what an adapter directory holds; with --model, whether it fits that base")
     p.add_argument("adapter_dir", metavar="ADAPTER_DIR")
     p.add_argument("--model", help="base model directory, config.json or the embedded model's name")
+    p.add_argument("--plan", choices=("merge", "gguf"), help="also show what `lorakit merge` / `lorakit export "
+                   "--format gguf` would write (tensors touched, size, dtype, peak memory), without writing")
+    p.add_argument("--dtype", choices=_DTYPES, help="--plan merge: output dtype (default: the base's)")
+    p.add_argument("--outtype", choices=("f32", "f16", "bf16", "q8_0"), help="--plan gguf: output type (default f16)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
     p = command("estimate", _estimate, "trainable parameters and memory of full / LoRA / QLoRA from config.json")

@@ -8,7 +8,7 @@ key projections permuted from transformers' rotary layout to llama.cpp's (``resh
 BPE: tokens, token types, merges, special ids) and the chat template go in as metadata, so ``llama-cli -m`` and
 ``ollama create`` need nothing else.
 
-Tensors are produced one at a time by the streamed merge (:func:`lorakit.merge_to_disk.materialize`, probe check
+Tensors are produced one at a time by the streamed merge (:func:`lorakit.streamed_merge.materialize`, probe check
 included), converted to the output type (``f32``, ``f16``, ``bf16`` or ``q8_0``) and written, so memory stays at one
 tensor whatever the model size. The file is written beside its target and renamed into place when complete.
 
@@ -30,7 +30,7 @@ import torch
 
 from .atomic import TEMP_PREFIX
 from .merge_plan import MergePlan, plan_merge, resolve_base
-from .merge_to_disk import ProbeStats, materialize
+from .streamed_merge import ProbeStats, materialize
 
 __all__ = ["export_gguf", "export_gguf_adapter", "GGUFExport", "OUTTYPES"]
 
@@ -249,7 +249,7 @@ def export_gguf(base: str | os.PathLike, output: str | os.PathLike, adapters=(),
         output: the ``.gguf`` file to write.
         adapters: adapter directories or ``(directory, weight)`` pairs to merge (none: the base as it is).
         outtype: ``"f32"``, ``"f16"``, ``"bf16"`` or ``"q8_0"`` for the 2-D weights (norms stay float32).
-        verify: probe-check every merged weight (see :mod:`lorakit.merge_to_disk`).
+        verify: probe-check every merged weight (see :mod:`lorakit.streamed_merge`).
         overwrite: replace an existing file.
         tokenizer_pre: llama.cpp's pre-tokenizer name (``tokenizer.ggml.pre``); default ``"smollm"`` for the
             embedded model, else ``"default"``.

@@ -329,7 +329,7 @@ def _plan_adapter(path: Path, weight: float, cfg: LoraConfig, tensors: dict[str,
     for module_path, module, a_key, b_key, target in plans:
         A, B = tensors[a_key], tensors[b_key]
         for key, t in ((a_key, A), (b_key, B)):
-            if not t.is_floating_point() or not torch.isfinite(t).all():
+            if not t.is_floating_point() or not math.isfinite(float(t.sum(dtype=torch.float32))):
                 raise ValueError(f"{path}: {key} is {'not a float tensor' if not t.is_floating_point() else 'not finite'}"
                                  "; the adapter is corrupt, nothing was written")
         used.update((a_key, b_key))
@@ -368,7 +368,7 @@ def _plan_adapter(path: Path, weight: float, cfg: LoraConfig, tensors: dict[str,
         if tensor is None:
             raise ValueError(f"{path}: missing {file_key} (modules_to_save / bias={cfg.bias!r}); the adapter file is "
                              "incomplete, nothing was written")
-        if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
+        if not tensor.is_floating_point() or not math.isfinite(float(tensor.sum(dtype=torch.float32))):
             raise ValueError(f"{path}: {file_key} is not a finite float tensor; the adapter is corrupt, nothing was "
                              "written")
         if weight != 1.0:

@@ -1,4 +1,4 @@
-"""Streamed merge (lorakit.merge_to_disk): the same bits as the in-memory merge, one tensor in memory at a time."""
+"""Streamed merge (lorakit.streamed_merge): the same bits as the in-memory merge, one tensor in memory at a time."""
 
 import copy
 import json
@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 import lorakit
 from lorakit import LoraConfig, add_adapter, load_adapter, merge_and_unload, save_adapter
 from lorakit.atomic import TEMP_PREFIX
-from lorakit.merge_to_disk import MergeCheckError, materialize, merge_to_disk
+from lorakit.streamed_merge import MergeCheckError, materialize, merge_to_disk
 from lorakit.merge_plan import plan_merge
 from lorakit.st_stream import read_header
 from lorakit_testing import make_byte_tokenizer, make_tiny_llama
@@ -254,7 +254,7 @@ def test_existing_output_needs_overwrite_and_is_replaced_whole(base, tmp_path):
 
 
 def test_probe_check_catches_a_wrong_merge(base, tmp_path, monkeypatch):
-    import lorakit.merge_to_disk as m
+    import lorakit.streamed_merge as m
 
     adapter = _adapter(base, tmp_path / "adapter")
     plan = plan_merge(base, adapter)
