@@ -273,3 +273,30 @@ def test_probe_check_catches_a_wrong_merge(base, tmp_path, monkeypatch):
     with pytest.raises(MergeCheckError):
         merge_to_disk(base, adapter, tmp_path / "out")
     assert not (tmp_path / "out").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(TEMP_PREFIX)]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_adapter_is_refused_before_writing(base, tmp_path, bad):
+    from safetensors.torch import save_file
+
+    adapter = _adapter(base, tmp_path / "adapter")
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    tensors["base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"][3, 1] = bad
+    save_file(tensors, adapter / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match="layers.1.mlp.down_proj.lora_B.weight is not finite; the adapter is corrupt"):
+        merge_to_disk(base, adapter, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_merged_weight_overflowing_float16_is_refused(tmp_path):
+    base = _save_base(tmp_path / "base", dtype=torch.float16)
+    adapter = _adapter(base, tmp_path / "adapter")
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+    tensors[key] = tensors[key] * 1e9
+    from safetensors.torch import save_file
+
+    save_file(tensors, adapter / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match="q_proj.weight: the merged weight has NaN/inf values in torch.float16"):
+        merge_to_disk(base, adapter, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
