@@ -160,3 +160,20 @@ def test_safe_merge_refuses_float16_overflow_everywhere_first():
 def test_merge_without_adapters_raises():
     with pytest.raises(ValueError, match="no LoRA layers"):
         merge_and_unload(TinyMLP())
+
+
+def test_fields_assigned_after_the_config_was_built_are_checked_too():
+    cfg = LoraConfig(target_modules=["up"])
+    cfg.lora_alpha = float("nan")
+    model = TinyMLP()
+    with pytest.raises(lorakit.fields.ConfigError, match="lora_alpha=nan"):
+        add_adapter(model, cfg)
+    assert not lorakit.adapter_configs(model)
+
+
+def test_unload_of_a_merged_bf16_model_warns_about_rounding(tiny_llama):
+    tiny_llama.to(torch.bfloat16)
+    add_adapter(tiny_llama, LoraConfig(target_modules="all-linear", init_lora_weights=False))
+    lorakit.merge_adapter(tiny_llama)
+    with pytest.warns(UserWarning, match="could not restore the exact base weights"):
+        unload(tiny_llama)

@@ -112,9 +112,13 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     configs = _configs(model)
     if adapter_name not in configs:
         raise ValueError(f"unknown adapter {adapter_name!r}; this model has {sorted(configs)}")
+    error = 0.0
     for module in _adapter_modules(model):
         if _has(module, adapter_name):
+            if isinstance(module, LoraLinear):
+                error = max(error, module.unmerge(adapter_name))
             module.delete(adapter_name)
+    _warn_unmerge(error)
     del configs[adapter_name]
     active = [n for n in active_adapters(model) if n != adapter_name]
     if not active and configs:

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from .adapters import set_adapter
+from .adapters import _warn_unmerge, set_adapter
 from .base import QuantizedBase, is_quantized
 from .config import LoraConfig
 from .layer import LoraLinear
@@ -102,6 +102,7 @@ def add_adapter(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
     from .mixed_batch import install_mixed_batch
 
     _check_name(model, adapter_name)
+    config._check_fields()  # again: fields may have been assigned since the config was built
     with rollback_on_error(model, adapter_name):
         _inject(model, config, adapter_name, dtype)
     install_mixed_batch(model)  # model(..., adapter_names=[one per row]); see lorakit.mixed_batch
@@ -206,9 +207,11 @@ def unload(model: nn.Module) -> nn.Module:
 
     Merged adapters are unmerged first, so the base weights are the ones before injection.
     """
+    error = 0.0
     for path, layer in lora_layers(model).items():
-        layer.unmerge()
+        error = max(error, layer.unmerge())
         _replace(model, path, layer.base_layer)
+    _warn_unmerge(error)
     for path, wrapper in _wrapped_modules(model).items():
         _replace(model, path, wrapper.original_module)
     _forget_adapters(model)
