@@ -187,7 +187,7 @@ class LoraLinear(nn.Module):
                 raise ValueError(f"adapter {name!r} has scaling {self.scaling[name]!r}; the base was left unchanged")
         if whole_weight and names:
             merged = self._merged_weight(names)
-            stored = torch.float32 if isinstance(self.base_layer, QuantizedBase) else dense_weight(self.base_layer).dtype
+            stored = torch.float32 if is_quantized(self.base_layer) else dense_weight(self.base_layer).dtype
             limit = torch.finfo(stored).max if stored.is_floating_point else float("inf")
             if not torch.isfinite(merged).all() or merged.abs().max().item() > limit:
                 raise ValueError(f"merging adapters {names} gives non-finite {str(stored).removeprefix('torch.')} "
@@ -235,7 +235,8 @@ class LoraLinear(nn.Module):
         if quantized and not self.merged_adapters:  # See Note: exact unmerge
             attributes = {k: v for k, v in vars(self.base_layer).items() if not k.startswith("_") and k != "training"}
             self._original = (dict(self.base_layer._buffers), attributes)
-        elif weight.dtype in (torch.float16, torch.bfloat16):  # what an unmerge will leave of the original
+        elif weight.dtype in (torch.float16, torch.bfloat16) and not is_quantized(self.base_layer):
+            # what an unmerge will leave of the original
             back = (merged.to(weight.dtype).float() - (merged - weight.float())).to(weight.dtype)
             self._unmerge_drift = max(getattr(self, "_unmerge_drift", 0.0),
                                       (back.float() - weight.float()).abs().max().item())
@@ -285,7 +286,7 @@ class LoraLinear(nn.Module):
         error = 0.0
         if not in_place:
             set_dense_weight(self.base_layer, weight)
-            if isinstance(self.base_layer, QuantizedBase):
+            if is_quantized(self.base_layer):  # bitsandbytes layers keep no original: re-quantization error
                 error = (dense_weight(self.base_layer).float() - weight).abs().max().item()
             else:
                 error = getattr(self, "_unmerge_drift", 0.0)
