@@ -123,6 +123,7 @@ def test_random_json_configs_into_load_adapter(adapter, data):
     shutil.copytree(root / "good", directory)
     (directory / "adapter_config.json").write_text(json.dumps(data))
     _try_load(model, directory)
+    _try_inspect(directory)
 
 
 @st.composite
@@ -152,6 +153,18 @@ def test_damaged_safetensors_into_load_adapter(adapter, data):
     shutil.copytree(root / "good", directory)
     (directory / "adapter_model.safetensors").write_bytes(blob)
     _try_load(model, directory)
+    _try_inspect(directory)
+
+
+def _try_inspect(directory):
+    from lorakit.inspect import inspect_adapter
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            inspect_adapter(directory)
+        except ALLOWED:
+            pass
 
 
 @pytest.fixture(scope="module")

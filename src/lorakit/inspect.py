@@ -110,7 +110,8 @@ def inspect_adapter(directory: str | os.PathLike) -> dict:
         "n_tensors": len(meta),
         "n_parameters": sum(_numel(shape) for shape, _ in meta.values()),
         "dtypes": sorted({dtype for _, dtype in meta.values()}),
-        "size_bytes": sum(p.stat().st_size for p in directory.iterdir() if p.is_file()),
+        "size_bytes": sum(p.stat().st_size for p in directory.iterdir()
+                          if p.is_file() and not p.name.startswith(".")),  # not a save's temporary files
         "other_adapters": {p.name: str(p) for p in subdirs},
     }
 
