@@ -44,3 +44,18 @@ def test_sweep_command(capsys, tiny_model_dir, tmp_path):
 def test_sweep_bad_input(capsys, argv, message):
     assert main(["sweep", *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_killed_run_is_named_not_waited_for(tiny_model_dir, tmp_path, monkeypatch):
+    import lorakit.sweep as sw
+
+    args = lorakit.train.SFTArgs(model=str(tiny_model_dir), output_dir=str(tmp_path / "runs"), **TINY)
+    monkeypatch.setattr(sw, "_run", _die)  # the child process exits as if killed
+    with pytest.raises(RuntimeError, match=r"sweep run r=2 .* died before finishing"):
+        sw._run_isolated(args, "r=2")
+
+
+def _die(args, label):
+    import os
+
+    os._exit(9)

@@ -61,9 +61,15 @@ def _run(args, label: str) -> SweepRow:
 
 
 def _run_isolated(args, label: str) -> SweepRow:
-    ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(1) as pool:
-        return pool.apply(_run, (args, label))
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        try:
+            return pool.submit(_run, args, label).result()
+        except BrokenProcessPool as err:  # the child was killed (out of memory, a signal): say which run
+            raise RuntimeError(f"sweep run {label} ({args.output_dir}) died before finishing ({err}); the runs "
+                               "before it are in the sweep table") from None
 
 
 def sweep(args, ranks=DEFAULT_RANKS, full_baseline: bool = False, full_lr: float = DEFAULT_FULL_LR,
@@ -99,12 +105,15 @@ def sweep(args, ranks=DEFAULT_RANKS, full_baseline: bool = False, full_lr: float
             for r in ranks]
     if full_baseline:
         runs.append(("full", dataclasses.replace(args, method="full", lr=full_lr, output_dir=str(out / "full"))))
-    rows = [(_run_isolated if isolate else _run)(run_args, label) for label, run_args in runs]
-    out.mkdir(parents=True, exist_ok=True)
     from .atomic import atomic_write_text
 
-    atomic_write_text(out / "sweep.json", json.dumps([dataclasses.asdict(r) for r in rows], indent=1) + "\n")
-    atomic_write_text(out / "sweep.md", format_table(rows) + "\n")
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for label, run_args in runs:
+        rows.append((_run_isolated if isolate else _run)(run_args, label))
+        # the table so far after each run, so a long sweep stopped midway keeps what it measured
+        atomic_write_text(out / "sweep.json", json.dumps([dataclasses.asdict(r) for r in rows], indent=1) + "\n")
+        atomic_write_text(out / "sweep.md", format_table(rows) + "\n")
     plot_sweep(rows, out / "sweep.png", title=f"{args.task if not args.train_file else args.train_file}, "
                                               f"{args.max_steps} steps")
     return rows
