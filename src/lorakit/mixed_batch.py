@@ -22,7 +22,7 @@ anything runs); one name per row; adapters merged into the base are refused (unm
 from __future__ import annotations
 
 import contextlib
-import types
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -45,7 +45,8 @@ def install_mixed_batch(model: nn.Module) -> None:
     model.register_forward_pre_hook(_begin, with_kwargs=True)
     model.register_forward_hook(_end, always_call=True)
     if callable(getattr(type(model), "generate", None)):  # transformers refuses generate kwargs it does not know
-        model.generate = types.MethodType(_generate, model)
+        # a partial, not a bound method: a bound method pickles as getattr(model, '_generate'), which a model lacks
+        model.generate = functools.partial(_generate, model)
     setattr(model, _MARK, True)
 
 
