@@ -300,3 +300,12 @@ def test_merged_weight_overflowing_float16_is_refused(tmp_path):
     with pytest.raises(ValueError, match="q_proj.weight: the merged weight has NaN/inf values in torch.float16"):
         merge_to_disk(base, adapter, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_the_plan_keeps_adapter_tensors_on_disk(base, tmp_path):
+    from lorakit.st_stream import TensorEntry
+
+    adapter = _adapter(base, tmp_path / "adapter")
+    plan = plan_merge(base, adapter)
+    updates = [u for t in plan.touched for u in t.updates]
+    assert len(updates) == 14 and all(isinstance(u.A, TensorEntry) and isinstance(u.B, TensorEntry) for u in updates)

@@ -27,8 +27,8 @@ from torch import nn
 
 from .base import _is_conv1d, base_shape
 from .config import LoraConfig
-from .peft_format import PREFIX, _read_tensors, _strip_prefix
-from .st_stream import DTYPE_CODES, TensorEntry, checkpoint_entries, read_tensor, torch_dtype_code
+from .peft_format import PREFIX, WEIGHTS_NAME, _read_tensors, _strip_prefix
+from .st_stream import DTYPE_CODES, TensorEntry, checkpoint_entries, read_header, read_tensor, torch_dtype_code
 from .targets import matches, output_head_paths, select_targets
 
 __all__ = ["plan_merge", "MergePlan", "OutTensor", "LowRank", "resolve_base"]
@@ -49,6 +49,36 @@ class LowRank:
     right: torch.Tensor
     scale: float
     adapter: str
+
+
+@dataclass
+class Update:
+    """One adapter's LoRA pair for a base tensor, read from the adapter file only when the tensor is merged (so a
+    large adapter is never in memory whole either)."""
+
+    A: TensorEntry | torch.Tensor
+    B: TensorEntry | torch.Tensor
+    scale: float
+    adapter: str
+    transposed: bool = False
+
+    def resolve(self) -> LowRank:
+        A, B = load(self.A).float(), load(self.B).float()
+        left, right = (A.T.contiguous(), B.T.contiguous()) if self.transposed else (B, A)
+        return LowRank(left, right, self.scale, self.adapter)
+
+    @property
+    def nbytes(self) -> int:
+        return 4 * (math.prod(self.A.shape) + math.prod(self.B.shape))
+
+
+def load(x: TensorEntry | torch.Tensor) -> torch.Tensor:
+    """A tensor, read from its file if it is a :class:`TensorEntry`."""
+    return read_tensor(x) if isinstance(x, TensorEntry) else x
+
+
+def _dtype(x: TensorEntry | torch.Tensor) -> torch.dtype:
+    return x.torch_dtype if isinstance(x, TensorEntry) else x.dtype
 
 
 @dataclass
@@ -73,10 +103,10 @@ class OutTensor:
     code: str  # output safetensors dtype
     source: TensorEntry | None = None
     quant: dict[str, TensorEntry] | None = None  # 4-bit pieces (suffix → entry) when the base weight is packed
-    updates: list[LowRank] = field(default_factory=list)
+    updates: list[Update] = field(default_factory=list)
     decompositions: list[Decomposition] = field(default_factory=list)
     dequant_dtype: torch.dtype | None = None  # a 4-bit weight is dequantized in (rounded to) this dtype
-    replacement: torch.Tensor | None = None  # a modules_to_save copy or a trained bias
+    replacement: TensorEntry | torch.Tensor | None = None  # a modules_to_save copy or a trained bias
     replaced_by: str | None = None
 
     @property
@@ -114,9 +144,7 @@ class MergePlan:
         return sum(t.nbytes for t in self.tensors)
 
     def peak_bytes(self) -> int:
-        """Memory the merge needs besides the interpreter: adapters + the largest tensor being merged."""
-        adapters = sum(sum(u.left.nbytes + u.right.nbytes for u in t.updates) for t in self.tensors)
-        adapters += sum(t.replacement.nbytes for t in self.tensors if t.replacement is not None)
+        """Memory the merge needs besides the interpreter: the largest tensor being merged, with its updates."""
         work = 0
         for t in self.tensors:
             if t.raw_copy:
@@ -125,8 +153,11 @@ class MergePlan:
             src = t.source.nbytes if t.source is not None else 0
             if t.quant is not None:
                 src = sum(e.nbytes for e in t.quant.values()) + 4 * numel
-            work = max(work, src + 4 * numel + t.nbytes + (8 * numel if t.decompositions else 0))
-        return adapters + work
+            factors = sum(u.nbytes for u in t.updates)
+            if t.replacement is not None:
+                factors += 2 * math.prod(t.replacement.shape) * _dtype(t.replacement).itemsize
+            work = max(work, src + 4 * numel + t.nbytes + factors + (8 * numel if t.decompositions else 0))
+        return work
 
 
 def resolve_base(base: str | os.PathLike) -> Path:
@@ -272,7 +303,7 @@ def plan_merge(base: str | os.PathLike, adapters, dtype: torch.dtype | str | Non
     untie = False
     for path, weight in _adapter_arg(adapters, allow_no_adapter):
         cfg = LoraConfig.load(path)
-        tensors = _strip_prefix(_read_tensors(path))
+        tensors = _adapter_tensors(path)
         used = _plan_adapter(path, weight, cfg, tensors, model, modules, heads, keys, out)
         extra = sorted(set(tensors) - used)
         if extra:
@@ -328,9 +359,10 @@ def _plan_adapter(path: Path, weight: float, cfg: LoraConfig, tensors: dict[str,
                          + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "") + "; nothing was written")
     for module_path, module, a_key, b_key, target in plans:
         A, B = tensors[a_key], tensors[b_key]
-        for key, t in ((a_key, A), (b_key, B)):
-            if not t.is_floating_point() or not math.isfinite(float(t.sum(dtype=torch.float32))):
-                raise ValueError(f"{path}: {key} is {'not a float tensor' if not t.is_floating_point() else 'not finite'}"
+        for key, x in ((a_key, A), (b_key, B)):
+            floating = _dtype(x).is_floating_point
+            if not floating or not math.isfinite(float(load(x).sum(dtype=torch.float32))):  # read, checked, dropped
+                raise ValueError(f"{path}: {key} is {'not a float tensor' if not floating else 'not finite'}"
                                  "; the adapter is corrupt, nothing was written")
         used.update((a_key, b_key))
         if target.replacement is not None:
@@ -338,12 +370,10 @@ def _plan_adapter(path: Path, weight: float, cfg: LoraConfig, tensors: dict[str,
                              "separately")
         scale = cfg.scaling_for(module_path) * weight
         transposed = _is_conv1d(module)
-        A32, B32 = A.float(), B.float()
-        left, right = (A32.T.contiguous(), B32.T.contiguous()) if transposed else (B32, A32)
-        target.updates.append(LowRank(left, right, scale, str(path)))
+        target.updates.append(Update(A, B, scale, str(path), transposed))
         if cfg.init_lora_weights in ("olora", "pissa"):
             target.decompositions.append(Decomposition(cfg.init_lora_weights, cfg.rank_for(module_path),
-                                                       cfg.scaling_for(module_path), scale, A.dtype, transposed,
+                                                       cfg.scaling_for(module_path), scale, _dtype(A), transposed,
                                                        str(path)))
     # Trained biases and modules_to_save copies replace the parameter they stand for.
     replacements = {}
@@ -368,7 +398,7 @@ def _plan_adapter(path: Path, weight: float, cfg: LoraConfig, tensors: dict[str,
         if tensor is None:
             raise ValueError(f"{path}: missing {file_key} (modules_to_save / bias={cfg.bias!r}); the adapter file is "
                              "incomplete, nothing was written")
-        if not tensor.is_floating_point() or not math.isfinite(float(tensor.sum(dtype=torch.float32))):
+        if not _dtype(tensor).is_floating_point or not math.isfinite(float(load(tensor).sum(dtype=torch.float32))):
             raise ValueError(f"{path}: {file_key} is not a finite float tensor; the adapter is corrupt, nothing was "
                              "written")
         if weight != 1.0:
@@ -388,6 +418,16 @@ def _plan_adapter(path: Path, weight: float, cfg: LoraConfig, tensors: dict[str,
         target.replacement, target.replaced_by = tensor, str(path)
         used.add(file_key)
     return used
+
+
+def _adapter_tensors(path: Path) -> dict[str, TensorEntry | torch.Tensor]:
+    """The adapter's tensors under PEFT keys: header entries of ``adapter_model.safetensors`` (read when used), or
+    the tensors of a legacy ``adapter_model.bin`` (weights only)."""
+    st = path / WEIGHTS_NAME
+    if st.is_file():
+        entries, _ = read_header(st)
+        return _strip_prefix(entries)
+    return _strip_prefix(_read_tensors(path))
 
 
 def _shards(tensors: list[OutTensor], shard_of: dict[str, str], files: list[Path], max_shard_size: int | None

@@ -32,7 +32,7 @@ import torch
 
 from .atomic import atomic_dir, remove_leftovers
 from .init import decompose
-from .merge_plan import LowRank, MergePlan, OutTensor, plan_merge, quant_state
+from .merge_plan import LowRank, MergePlan, OutTensor, load, plan_merge, quant_state
 from .st_stream import INDEX_NAME, DTYPE_CODES, ShardWriter, read_tensor
 
 __all__ = ["merge_to_disk", "StreamedMerge", "materialize", "ProbeStats", "check_output_path", "MergeCheckError"]
@@ -128,14 +128,15 @@ def materialize(t: OutTensor, dtype: torch.dtype, stats: ProbeStats | None = Non
     """
     out_dtype = DTYPE_CODES[t.code]
     if t.replacement is not None:
-        return t.replacement.to(out_dtype) if t.replacement.is_floating_point() else t.replacement
+        tensor = load(t.replacement)
+        return tensor.to(out_dtype) if tensor.is_floating_point() else tensor
     if t.raw_copy:
         return None
     if not t.updates and not t.decompositions:
         w = read_tensor(t.source) if t.quant is None else _read_float(t)
         return w.to(out_dtype) if w.is_floating_point() else w
     w = _read_float(t)
-    terms = [*t.updates, *_decomposition_terms(t, w)]
+    terms = [*(u.resolve() for u in t.updates), *_decomposition_terms(t, w)]
     probes = ref = None
     if stats is not None:
         probes = torch.randn(w.shape[1], _PROBES, generator=generator)
