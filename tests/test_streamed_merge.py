@@ -309,3 +309,36 @@ def test_the_plan_keeps_adapter_tensors_on_disk(base, tmp_path):
     plan = plan_merge(base, adapter)
     updates = [u for t in plan.touched for u in t.updates]
     assert len(updates) == 14 and all(isinstance(u.A, TensorEntry) and isinstance(u.B, TensorEntry) for u in updates)
+
+
+def test_4bit_base_requantized_on_request_equals_the_in_memory_merge(tmp_path):
+    from lorakit.quant import load_quantized, quantize_model_
+
+    model = make_tiny_llama(0, vocab_size=96, hidden_size=64, intermediate_size=128)
+    quantize_model_(model, "nf4", compute_dtype=torch.bfloat16)
+    model.save_pretrained(tmp_path / "nf4")
+    torch.manual_seed(4)
+    add_adapter(model, LoraConfig(r=4, target_modules=["q_proj", "down_proj"], init_lora_weights=False))
+    save_adapter(model, tmp_path / "adapter")
+    with pytest.warns(UserWarning, match="re-quantized merged weights to 4 bits"):
+        result = merge_to_disk(tmp_path / "nf4", tmp_path / "adapter", tmp_path / "out", requantize=True)
+    assert 0 < result.requant_error < 0.1 and result.probe.ok
+    with pytest.warns(UserWarning, match="re-quantization moved"):
+        want = merge_and_unload(model).state_dict()  # lorakit's in-memory merge into the 4-bit base
+    got = _written(tmp_path / "out")
+    assert set(got) == set(want)
+    for key, value in want.items():
+        if "quant_state" in key:
+            assert json.loads(bytes(got[key].tolist())) == json.loads(bytes(value.tolist())), key
+        else:
+            assert torch.equal(got[key], value), key
+    base = load_file(tmp_path / "nf4" / "model.safetensors")
+    assert torch.equal(got["model.layers.0.self_attn.k_proj.weight"], base["model.layers.0.self_attn.k_proj.weight"])
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
+    loaded = load_quantized(str(tmp_path / "out"), "nf4", compute_dtype=torch.bfloat16)
+    ids = torch.randint(0, 96, (2, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
+    with pytest.raises(ValueError, match="not a 4-bit checkpoint"):
+        merge_to_disk(_save_base(tmp_path / "plain"), tmp_path / "adapter", tmp_path / "x", requantize=True)

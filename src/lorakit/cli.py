@@ -284,7 +284,7 @@ def _merge(ns: argparse.Namespace) -> int:
     if ns.verify != "logits" and any(base_dir.glob("*.safetensors")):
         try:
             result = merge_to_disk(base_dir, list(zip(ns.adapter, weights)), output, ns.dtype,
-                                   verify=ns.verify == "probe", overwrite=ns.overwrite,
+                                   verify=ns.verify == "probe", overwrite=ns.overwrite, requantize=ns.requantize,
                                    max_shard_size=_size(ns.max_shard_size) if ns.max_shard_size else None)
         except MergeCheckError as err:
             print(f"lorakit: error: {_one_line(err)}", file=sys.stderr)
@@ -567,6 +567,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="probe: streamed merge, every merged weight checked on random vectors (default); logits: "
                    "load the whole model, compare base + adapter with the merged model's logits; none: no check")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --output as a whole")
+    p.add_argument("--requantize", action="store_true", help="4-bit base: write the merged weights 4-bit again "
+                   "(the base's settings; lossy, the rounding is reported)")
     p.add_argument("--max-shard-size", metavar="SIZE", help="e.g. 2GB (default: the base's own shard layout)")
     p.add_argument("--tolerance", type=float, help="--verify logits: largest accepted |logit difference| (default: "
                    "2e-5 × max |logit|, at least 1e-4)")

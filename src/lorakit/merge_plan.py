@@ -34,6 +34,8 @@ from .targets import matches, output_head_paths, select_targets
 __all__ = ["plan_merge", "MergePlan", "OutTensor", "LowRank", "resolve_base"]
 
 _QS = ".weight.quant_state.bitsandbytes__"
+#: Bytes of a re-quantized weight's quant_state JSON (padded with spaces: the header is written before the data).
+QUANT_STATE_BYTES = 512
 _QUANT_PIECES = (".weight", ".weight.absmax", ".weight.quant_map", ".weight.nested_absmax", ".weight.nested_quant_map")
 _FLOAT_CODES = ("F32", "F16", "BF16", "F64")
 _DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -108,6 +110,7 @@ class OutTensor:
     dequant_dtype: torch.dtype | None = None  # a 4-bit weight is dequantized in (rounded to) this dtype
     replacement: TensorEntry | torch.Tensor | None = None  # a modules_to_save copy or a trained bias
     replaced_by: str | None = None
+    requant: dict | None = None  # the base's quant_state: write this 4-bit weight re-quantized with its settings
 
     @property
     def touched(self) -> bool:
@@ -118,9 +121,25 @@ class OutTensor:
         """Untouched and stored in the output dtype already: its bytes are copied as they are."""
         return not self.touched and self.quant is None and self.source is not None and self.source.dtype == self.code
 
+    def entries(self) -> list[tuple[str, str, tuple[int, ...]]]:
+        """``(key, dtype code, shape)`` of what this tensor writes: itself, or the pieces of a 4-bit weight."""
+        if self.requant is None:
+            return [(self.key, self.code, self.shape)]
+        if not self.touched:  # an untouched 4-bit weight: its pieces, byte for byte
+            return [(e.key, e.dtype, e.shape) for e in sorted(self.quant.values(), key=lambda e: e.key)]
+        state, n = self.requant, math.prod(self.shape)
+        blocks = -(-n // int(state["blocksize"]))
+        nested = "nested_offset" in state
+        out = [(self.key, "U8", ((n + 1) // 2, 1)), (f"{self.key}.absmax", "U8" if nested else "F32", (blocks,)),
+               (f"{self.key}.quant_map", "F32", (16,))]
+        if nested:
+            out += [(f"{self.key}.nested_absmax", "F32", (-(-blocks // 256),)),
+                    (f"{self.key}.nested_quant_map", "F32", (256,))]
+        return out + [(f"{self.key}.quant_state.bitsandbytes__{state['quant_type']}", "U8", (QUANT_STATE_BYTES,))]
+
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * DTYPE_CODES[self.code].itemsize
+        return sum(math.prod(shape) * DTYPE_CODES[code].itemsize for _, code, shape in self.entries())
 
 
 @dataclass
@@ -252,7 +271,8 @@ def _adapter_arg(adapters, allow_none: bool = False) -> list[tuple[Path, float]]
 
 
 def plan_merge(base: str | os.PathLike, adapters, dtype: torch.dtype | str | None = None,
-               max_shard_size: int | None = None, allow_no_adapter: bool = False) -> MergePlan:
+               max_shard_size: int | None = None, allow_no_adapter: bool = False, requantize: bool = False
+               ) -> MergePlan:
     """Check the adapters against the base and plan the streamed merge; reads headers and adapter files only.
 
     Args:
@@ -261,6 +281,9 @@ def plan_merge(base: str | os.PathLike, adapters, dtype: torch.dtype | str | Non
             multiplies that adapter's update (``W + Σ weight·scaling·B A``).
         dtype: output dtype (default: the base's ``config.json`` dtype; for a 4-bit base its stored dtype).
         max_shard_size: bytes per output shard; default: the base's own shard layout.
+        requantize: for a 4-bit base, write the merged weights 4-bit again (the base's quantization settings,
+            bitsandbytes layout; untouched 4-bit weights are copied byte for byte). Lossy: the merged weight is
+            rounded to 4 bits.
 
     Raises:
         ValueError / FileNotFoundError: for a base or adapter that cannot be read, or an adapter that does not fit
@@ -270,11 +293,16 @@ def plan_merge(base: str | os.PathLike, adapters, dtype: torch.dtype | str | Non
     config = _read_config(base_dir)
     entries, files, metadata = checkpoint_entries(base_dir)
     quant = _quantized_pieces(entries)
+    if requantize and not quant:
+        raise ValueError(f"requantize: {base_dir} is not a 4-bit checkpoint; re-quantizing applies to 4-bit bases")
     if isinstance(dtype, str):
         if dtype not in _DTYPE_NAMES:
             raise ValueError(f"dtype={dtype!r}; use one of {sorted(_DTYPE_NAMES)}")
         dtype = _DTYPE_NAMES[dtype]
-    dtype = dtype or _default_dtype(config, entries, quant)
+    pieces_of = {e.key for pieces in quant.values() for e in pieces.values()}
+    plain = {k: e for k, e in entries.items() if k not in pieces_of}
+    # re-quantized: the float tensors stay as stored; dequantized: the compute dtype
+    dtype = dtype or _default_dtype(config, plain, {} if requantize else quant)
     code = torch_dtype_code(dtype)
     try:
         model = _meta_model(base_dir)
@@ -291,8 +319,9 @@ def plan_merge(base: str | os.PathLike, adapters, dtype: torch.dtype | str | Non
             is_float = entry.dtype in _FLOAT_CODES
             out[key] = OutTensor(key, entry.shape, code if is_float else entry.dtype, source=entry)
         elif key == owner + ".weight":
-            shape = tuple(quant_state(quant[owner])["shape"])
-            out[key] = OutTensor(key, shape, code, quant=quant[owner], dequant_dtype=_compute_dtype(config, quant))
+            state = quant_state(quant[owner])
+            out[key] = OutTensor(key, tuple(state["shape"]), "F32" if requantize else code, quant=quant[owner],
+                                 dequant_dtype=_compute_dtype(config, quant), requant=state if requantize else None)
         else:
             continue
         shard_of[key] = entry.file.name
@@ -315,8 +344,9 @@ def plan_merge(base: str | os.PathLike, adapters, dtype: torch.dtype | str | Non
             untie = True  # a tied head replaced by a modules_to_save copy is written on its own
     if untie:
         config = dict(config, tie_word_embeddings=False)
-    config = {k: v for k, v in config.items() if k != "quantization_config"}
-    config["dtype" if "torch_dtype" not in config else "torch_dtype"] = str(dtype).removeprefix("torch.")
+    if not requantize:
+        config = {k: v for k, v in config.items() if k != "quantization_config"}
+        config["dtype" if "torch_dtype" not in config else "torch_dtype"] = str(dtype).removeprefix("torch.")
     tensors = list(out.values())
     shards = _shards(tensors, shard_of, files, max_shard_size)
     extra_files = sorted(p for p in base_dir.iterdir() if p.is_file() and not p.name.startswith(".")

@@ -25,6 +25,7 @@ import json
 import math
 import os
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,6 +77,7 @@ class StreamedMerge:
     shards: int
     nbytes: int
     probe: ProbeStats | None
+    requant_error: float | None = None
 
     def __str__(self) -> str:
         dtype = str(self.dtype).removeprefix("torch.")
@@ -83,6 +85,8 @@ class StreamedMerge:
                  f"shard(s), {self.nbytes / 1e6:.1f} MB"]
         if self.probe is not None:
             lines.append(str(self.probe))
+        if self.requant_error is not None:
+            lines.append(f"re-quantized to 4 bits: merged weights moved by up to {self.requant_error:.3e} (lossy)")
         return "\n".join(lines)
 
 
@@ -212,7 +216,7 @@ def check_output_path(output: str | os.PathLike, protected: list[tuple[str, Path
 
 def merge_to_disk(base_dir: str | os.PathLike, adapters, out_dir: str | os.PathLike, dtype: torch.dtype | str | None = None,
                   *, verify: bool = True, overwrite: bool = False, max_shard_size: int | None = None,
-                  seed: int = 0) -> StreamedMerge:
+                  requantize: bool = False, seed: int = 0) -> StreamedMerge:
     """Merge adapters into a base checkpoint on disk and write the merged checkpoint, tensor by tensor.
 
     Args:
@@ -226,6 +230,8 @@ def merge_to_disk(base_dir: str | os.PathLike, adapters, out_dir: str | os.PathL
         verify: run the probe check on every merged weight (see Note: probe check).
         overwrite: replace an existing non-empty ``out_dir`` (as a whole, in one rename).
         max_shard_size: bytes per shard; default: the base's shard layout.
+        requantize: for a 4-bit base, write the merged weights 4-bit again with the base's settings (bitsandbytes
+            layout, loads like the base); lossy, the rounding is reported and warned about.
         seed: seed of the probe vectors.
 
     Returns:
@@ -239,7 +245,7 @@ def merge_to_disk(base_dir: str | os.PathLike, adapters, out_dir: str | os.PathL
     Example:
         >>> lorakit.streamed_merge("SmolLM2-135M-Instruct", ["runs/a/adapter", ("runs/b/adapter", 0.5)], "out/merged")
     """
-    plan = plan_merge(base_dir, adapters, dtype=dtype, max_shard_size=max_shard_size)
+    plan = plan_merge(base_dir, adapters, dtype=dtype, max_shard_size=max_shard_size, requantize=requantize)
     out = check_output_path(out_dir, [("base model", plan.base_dir)] + [("adapter", p) for p, _, _ in plan.adapters],
                             overwrite)
     return write_plan(plan, out, verify=verify, seed=seed)
@@ -251,23 +257,65 @@ def write_plan(plan: MergePlan, out: Path, verify: bool = True, seed: int = 0) -
     stats = ProbeStats() if verify else None
     generator = torch.Generator().manual_seed(seed)
     weight_map = {}
+    requant_error = 0.0
     with atomic_dir(out, replace=True) as tmp:
         for name, tensors in plan.shards:
-            writer = ShardWriter(tmp / name, [(t.key, t.code, t.shape) for t in tensors], plan.metadata)
+            writer = ShardWriter(tmp / name, [e for t in tensors for e in t.entries()], plan.metadata)
             with writer:
                 for t in tensors:
-                    data = materialize(t, plan.dtype, stats, generator)
-                    if data is None:
-                        writer.copy(t.key, t.source)
+                    if t.requant is not None and not t.touched:
+                        for key, _, _ in t.entries():
+                            writer.copy(key, next(e for e in t.quant.values() if e.key == key))
+                    elif t.requant is not None:
+                        pieces, error = _requantize(materialize(t, plan.dtype, stats, generator), t.requant)
+                        requant_error = max(requant_error, error)
+                        for (key, _, _), piece in zip(t.entries(), pieces):
+                            writer.write(key, piece)
+                        del pieces
                     else:
-                        writer.write(t.key, data)
-                    del data
-                    weight_map[t.key] = name
+                        data = materialize(t, plan.dtype, stats, generator)
+                        if data is None:
+                            writer.copy(t.key, t.source)
+                        else:
+                            writer.write(t.key, data)
+                        del data
+                    weight_map.update({key: name for key, _, _ in t.entries()})
         if len(plan.shards) > 1:
             index = {"metadata": {"total_size": plan.nbytes}, "weight_map": weight_map}
             (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         (tmp / "config.json").write_text(json.dumps(plan.config, indent=2, sort_keys=True) + "\n")
         for path in plan.extra_files:
             shutil.copyfile(path, tmp / path.name)  # content only: the output's own default permissions
-    return StreamedMerge(out, plan.dtype, len(plan.touched), len(plan.tensors), len(plan.shards), plan.nbytes, stats)
+    if requant_error:
+        warnings.warn(f"re-quantized merged weights to 4 bits: rounding moved them by up to {requant_error:.3e}, so "
+                      "outputs differ from base + adapter; merge without --requantize for an exact result", stacklevel=2)
+    return StreamedMerge(out, plan.dtype, len(plan.touched), len(plan.tensors), len(plan.shards), plan.nbytes, stats,
+                         requant_error if plan.tensors and any(t.requant for t in plan.tensors) else None)
+
+
+def _requantize(w: torch.Tensor, state: dict) -> tuple[list[torch.Tensor], float]:
+    """A merged float32 weight → the bitsandbytes 4-bit pieces (in :meth:`OutTensor.entries` order) with the base's
+    settings, as ``NF4Linear.set_weight_`` quantizes it; and the largest change the rounding made."""
+    from .merge_plan import QUANT_STATE_BYTES
+    from .quant.dynamic8 import dynamic_map
+    from .quant.nf4 import code_4bit, dequantize_4bit, double_dequantize, double_quantize, quantize_4bit
+
+    blocksize, quant_type = int(state["blocksize"]), state["quant_type"]
+    packed, absmax = quantize_4bit(w, blocksize, quant_type)
+    info = {k: state[k] for k in ("quant_type", "blocksize", "dtype", "shape")}
+    pieces = [packed]
+    if "nested_offset" in state:
+        qabsmax, nested, offset = double_quantize(absmax)
+        pieces += [qabsmax, code_4bit(quant_type), nested, dynamic_map(signed=True)]
+        info.update(nested_blocksize=256, nested_dtype="float32", nested_offset=offset)
+        scales = double_dequantize(qabsmax, nested, offset)
+    else:
+        pieces += [absmax, code_4bit(quant_type)]
+        scales = absmax
+    blob = json.dumps(info).encode("utf-8")
+    if len(blob) > QUANT_STATE_BYTES:
+        raise ValueError(f"quant_state of {len(blob)} bytes exceeds {QUANT_STATE_BYTES}")
+    pieces.append(torch.frombuffer(bytearray(blob.ljust(QUANT_STATE_BYTES)), dtype=torch.uint8))
+    error = (dequantize_4bit(packed, scales, w.shape, blocksize, quant_type, torch.float32) - w).abs().max().item()
+    return pieces, error
 
