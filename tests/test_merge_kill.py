@@ -21,7 +21,7 @@ from lorakit.atomic import TEMP_PREFIX, remove_leftovers
 from lorakit.cli import main
 from lorakit_testing import make_byte_tokenizer, make_tiny_llama
 
-KILLS_FRESH, KILLS_OVERWRITE = 20, 10
+KILLS_FRESH, KILLS_OVERWRITE, KILLS_EXPORT = 20, 10, 6
 
 
 def _fork_merge(argv: list[str]) -> int:
@@ -66,7 +66,7 @@ def _state(out, expected):
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("kill")
-    tok = make_byte_tokenizer()
+    tok = make_byte_tokenizer(merges=[("h", "e")])
     model = make_tiny_llama(0, vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=4,
                             num_attention_heads=4, num_key_value_heads=2)
     model.save_pretrained(root / "base")
@@ -130,3 +130,24 @@ def test_killed_overwrite_keeps_the_old_output_or_the_new_one(setup, tmp_path):
         assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(TEMP_PREFIX)]
     assert "absent" not in seen
     print(f"--overwrite, {KILLS_OVERWRITE} kills: {seen}")
+
+
+def test_killed_gguf_export_leaves_the_whole_file_or_none(setup, tmp_path):
+    root, adapters, _, _ = setup
+    argv = ["export", "--format", "gguf", "--model", str(root / "base"), "--adapter", str(adapters[0]), "--outtype",
+            "q8_0", "--output"]
+    start = time.perf_counter()
+    assert _run([*argv, str(tmp_path / "ref.gguf")]) == 0
+    seconds = time.perf_counter() - start
+    reference = (tmp_path / "ref.gguf").read_bytes()
+    rng = random.Random(2)
+    seen = {}
+    for i in range(KILLS_EXPORT):
+        out = tmp_path / f"m{i}.gguf"
+        _run([*argv, str(out)], delay=rng.uniform(0, 1.2 * seconds))
+        state = "absent" if not out.exists() else "whole" if out.read_bytes() == reference else "PARTIAL"
+        seen[state] = seen.get(state, 0) + 1
+        remove_leftovers(tmp_path)
+        assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(TEMP_PREFIX)]
+    assert set(seen) <= {"absent", "whole"}, seen
+    print(f"export, {KILLS_EXPORT} kills over {seconds:.2f} s runs: {seen}")

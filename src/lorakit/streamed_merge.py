@@ -40,7 +40,7 @@ __all__ = ["merge_to_disk", "StreamedMerge", "materialize", "ProbeStats", "check
 
 _UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
 _PROBES = 4
-_ROWS = 4096  # rows per chunk when the written weight is multiplied back in float32
+_ROWS = 1024  # rows per chunk when the written weight is multiplied back in float32
 
 
 class MergeCheckError(ValueError):
