@@ -253,7 +253,8 @@ def merge_to_disk(base_dir: str | os.PathLike, adapters, out_dir: str | os.PathL
 
 def write_plan(plan: MergePlan, out: Path, verify: bool = True, seed: int = 0) -> StreamedMerge:
     """Write a checked :class:`MergePlan` to ``out`` atomically."""
-    remove_leftovers(out.parent if out.parent.exists() else Path("."))
+    if out.parent.is_dir():
+        remove_leftovers(out.parent)  # temp siblings of earlier merges that were killed
     stats = ProbeStats() if verify else None
     generator = torch.Generator().manual_seed(seed)
     weight_map = {}
