@@ -74,3 +74,15 @@ def test_inside_disable_adapter_every_row_is_base(model, input_ids):
     with disable_adapter(model):
         base = model(input_ids).logits
         torch.testing.assert_close(model(input_ids, adapter_names=["a", "b"]).logits, base)
+
+
+@torch.no_grad()
+def test_copies_and_pickles_keep_mixed_batch_generate(model, input_ids):
+    import copy
+    import pickle
+
+    want = model.generate(input_ids, adapter_names=["a", "b"], max_new_tokens=3, do_sample=False, pad_token_id=0)
+    for other in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert other.generate._model() is other
+        got = other.generate(input_ids, adapter_names=["a", "b"], max_new_tokens=3, do_sample=False, pad_token_id=0)
+        assert torch.equal(got, want)

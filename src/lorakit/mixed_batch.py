@@ -22,7 +22,7 @@ anything runs); one name per row; adapters merged into the base are refused (unm
 from __future__ import annotations
 
 import contextlib
-import functools
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -45,17 +45,28 @@ def install_mixed_batch(model: nn.Module) -> None:
     model.register_forward_pre_hook(_begin, with_kwargs=True)
     model.register_forward_hook(_end, always_call=True)
     if callable(getattr(type(model), "generate", None)):  # transformers refuses generate kwargs it does not know
-        # a partial, not a bound method: a bound method pickles as getattr(model, '_generate'), which a model lacks
-        model.generate = functools.partial(_generate, model)
+        model.generate = _Generate(model)
     setattr(model, _MARK, True)
 
 
-def _generate(model: nn.Module, *args, adapter_names: list[str] | None = None, **kwargs):
-    """``generate`` with one adapter per row for the whole call (every decoding step)."""
-    if adapter_names is None:
-        return type(model).generate(model, *args, **kwargs)
-    with _activated(model, adapter_names, _batch_size(args, kwargs)):
-        return type(model).generate(model, *args, **kwargs)
+class _Generate:
+    """``model.generate`` taking ``adapter_names=`` (one adapter per row for the whole call: every decoding step).
+
+    Holds the model weakly (no reference cycle); copies and pickles of the model get their own."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self._model = weakref.ref(model)
+        self.__doc__ = type(model).generate.__doc__
+
+    def __call__(self, *args, adapter_names: list[str] | None = None, **kwargs):
+        model = self._model()
+        if adapter_names is None:
+            return type(model).generate(model, *args, **kwargs)
+        with _activated(model, adapter_names, _batch_size(args, kwargs)):
+            return type(model).generate(model, *args, **kwargs)
+
+    def __reduce__(self):
+        return _Generate, (self._model(),)
 
 
 @contextlib.contextmanager
