@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["GENERATION", "Scored", "format_failures", "scorable_rows", "score_rows", "write_predictions"]
+__all__ = ["GENERATION", "RunScorer", "Scored", "format_failures", "scorable_rows", "score_rows", "write_predictions"]
 
 GENERATION = {"batch_size": 32, "max_new_tokens": 32}
 """Greedy generation settings shared by training-time scoring and ``lorakit eval``."""
@@ -106,3 +106,66 @@ def format_failures(scored: Scored, limit: int = 3) -> str:
         lines.append(f"    expected   {_short(p['target'])}")
         lines.append(f"    predicted  {_short(p['prediction'])}")
     return "\n".join(lines)
+
+
+class RunScorer:
+    """The validation score of a training run, and where its metrics rows go besides ``metrics.jsonl``.
+
+    The loop calls :meth:`base` before the adapter is added, :meth:`at_step` at each evaluation (it adds ``score``
+    to the metrics row), :meth:`log` for every metrics row it writes, :meth:`final` after training, and
+    :meth:`close`. Scores use :func:`score_rows` with :data:`GENERATION`, as ``lorakit eval`` does.
+
+    Args:
+        rows: the validation rows (only those with an answer are scored: :func:`scorable_rows`).
+        metric: ``score(prediction, target) -> bool``; None: no score.
+        report_to: ``none`` / ``tensorboard`` (``lorakit.reporting``), under ``output_dir``.
+        progress: show a bar while generating.
+    """
+
+    def __init__(self, rows: Sequence[dict], metric: Callable[[str, str], Any] | None, output_dir: str | Path,
+                 report_to: Any = "none", progress: bool = False) -> None:
+        from .reporting import open_reporters
+
+        self.rows = scorable_rows(rows) if metric is not None else []
+        self.metric = metric
+        self.progress = progress
+        self.reporters = open_reporters(report_to, output_dir)
+        self.last: tuple[int, float] | None = None
+
+    def _score(self, model: Any, tokenizer: Any, desc: str) -> float:
+        return score_rows(model, tokenizer, self.rows, self.metric, progress=self.progress, desc=desc).score
+
+    def base(self, model: Any, tokenizer: Any, metrics: Any = None) -> float | None:
+        """The base model's score (logged at step 0), or None without rows to score."""
+        if not self.rows:
+            return None
+        value = self._score(model, tokenizer, "base score")
+        if metrics is not None:
+            metrics.write(step=0, score=value)
+        self.reporters.log({"step": 0, "score": value})
+        return value
+
+    def at_step(self, model: Any, tokenizer: Any, row: dict[str, Any]) -> None:
+        """Add ``score`` to the metrics ``row`` of an evaluation step."""
+        if self.rows:
+            row["score"] = self._score(model, tokenizer, "score")
+            self.last = (row["step"], row["score"])
+
+    def log(self, row: dict[str, Any]) -> None:
+        self.reporters.log(row)
+
+    def final(self, model: Any, tokenizer: Any, step: int, metrics: Any = None) -> float | None:
+        """The tuned score after training: the evaluation's at this very step, else measured now (and logged)."""
+        if not self.rows:
+            return None
+        if self.last is not None and self.last[0] == step:
+            return self.last[1]
+        value = self._score(model, tokenizer, "tuned score")
+        if metrics is not None:
+            metrics.write(step=step, score=value)
+        self.reporters.log({"step": step, "score": value})
+        self.last = (step, value)
+        return value
+
+    def close(self) -> None:
+        self.reporters.close()
