@@ -14,7 +14,6 @@ from lorakit.cli import main
 from lorakit_testing import make_byte_tokenizer, make_tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
-needs_run_sft = pytest.mark.skipif(not hasattr(lorakit.train, "run_sft"), reason="lorakit.train.run_sft not landed")
 
 
 @pytest.fixture
@@ -42,7 +41,6 @@ def readme_commands(section: str) -> list[str]:
     return [line.split("  #", 1)[0].strip() for line in block.splitlines() if line.strip()]
 
 
-@needs_run_sft
 def test_readme_own_data_commands_as_written(capsys, tiny_as_embedded):
     commands = readme_commands("Your own data")
     assert len(commands) == 3 and all(c.startswith("lorakit ") for c in commands)
@@ -68,7 +66,6 @@ def _percent(label: str, out: str) -> str:
     return re.search(rf"^{label}\s+(\S+%)", out, re.M).group(1)
 
 
-@needs_run_sft
 @pytest.mark.parametrize("prompt_format", ["raw", "chat"])
 def test_score_while_training_equals_lorakit_eval(capsys, tiny_as_embedded, prompt_format):
     tb = pytest.importorskip("tensorboard")  # noqa: F841
@@ -85,7 +82,7 @@ def test_score_while_training_equals_lorakit_eval(capsys, tiny_as_embedded, prom
     evaluated = capsys.readouterr().out
     assert code == 0 and _percent("exact-match accuracy", evaluated) == tuned
     metrics = [json.loads(line) for line in Path("run/metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in metrics if "score" in m] == [3, 6]
+    assert [m["step"] for m in metrics if "score" in m] == [0, 3, 6]  # 0: the base model
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator("run/tensorboard")
@@ -95,15 +92,18 @@ def test_score_while_training_equals_lorakit_eval(capsys, tiny_as_embedded, prom
     assert [e.step for e in acc.Scalars("eval/score")] == [0, 3, 6]  # step 0: the base model
 
 
-@needs_run_sft
 def test_a_bad_row_fails_before_the_model_loads(capsys, tiny_as_embedded, monkeypatch):
-    import lorakit.models
+    import importlib
 
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded before the data was checked")
 
-    monkeypatch.setattr(lorakit.models, "load_model", no_model)
-    monkeypatch.setattr(lorakit.train.recipe, "load_model", no_model, raising=False)
+    for module, name in (("lorakit.models", "load_model"), ("lorakit.train.common", "load_model"),
+                         ("lorakit.train.recipe", "load_model"), ("lorakit.train.recipe", "load_base")):
+        try:
+            monkeypatch.setattr(importlib.import_module(module), name, no_model, raising=False)
+        except ImportError:
+            pass
     Path("bad.jsonl").write_text('{"input": "a", "target": "b"}\n{"input": "a", "targte": "b"}\n')
     code = main(["train", "sft_lora", "--set", "train_file=bad.jsonl", "progress=false"])
     err = capsys.readouterr().err

@@ -13,12 +13,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..adapters import TrainableReport, trainable_parameters
-from ..data import SFTDataset, collate_sft, load_splits
-from ..evaluate import exact_match, validation_loss
+from ..data import SFTDataset, collate_sft
+from ..data.prepare import describe_skipped, prepare_sft_data
+from ..data.prompt_format import save_prompt_format
+from ..evaluate import validation_loss
 from ..fast_linears import fast_frozen_linears
 from ..inject import add_adapter
 from ..peft_format import save_adapter
-from ..tasks import get_task, make_split
+from ..scoring import RunScorer
 from .args import SFTArgs
 from .common import (MetricsLog, TrainState, latest_checkpoint, load_checkpoint, lora_config, optimizer_and_schedule,
                      plot_losses, save_activation_memory, save_checkpoint, sft_loss, start_run)
@@ -87,16 +89,6 @@ def start_or_resume(args, model: nn.Module,
     return optimizer, scheduler, state, metrics
 
 
-def _data(args: SFTArgs):
-    if args.train_file:
-        train, val = load_splits(args.train_file, args.val_file, val_fraction=args.val_fraction, seed=args.seed,
-                                 skip_bad=args.skip_bad_rows)
-        return train, val, None
-    task = get_task(args.task)
-    train, val = make_split(task, args.n_train, args.n_eval, seed=args.seed)
-    return train, val, task
-
-
 def train_sft(args: SFTArgs) -> TrainResult:
     """Fine-tune ``args.model`` on ``args``' data and save the adapter (or full model) to ``args.output_dir``.
 
@@ -109,20 +101,20 @@ def train_sft(args: SFTArgs) -> TrainResult:
         ``loss.png``, ``summary.json``.
     """
     started = time.perf_counter()
-    # --- model and data
+    # --- data (read and checked before the model loads), model
+    data = prepare_sft_data(args, log=tqdm.write)
+    train_rows, val_rows = data.train_rows, data.val_rows
     out, model, tokenizer = start_run(args)
-    train_rows, val_rows, task = _data(args)
     train_set = SFTDataset(train_rows, tokenizer, args.max_length, completion_only=args.completion_only,
                            skip_bad=args.skip_bad_rows, pack=args.packing)
+    if train_set.skipped:
+        tqdm.write(describe_skipped("the training rows (tokenizing)", train_set.skipped))
     loss_rows = val_rows[:args.val_loss_rows] if args.val_loss_rows else val_rows
     val_set = SFTDataset(loss_rows, tokenizer, args.max_length) if loss_rows else None
     if len(train_set) < args.batch_size:
         raise ValueError(f"{len(train_set)} training examples < batch_size={args.batch_size}; add data or lower it")
-    accuracy_rows = val_rows if (task is not None and args.eval_accuracy) else []
-    base_accuracy = None
-    if accuracy_rows and not args.resume:
-        base_accuracy, _ = exact_match(model, tokenizer, accuracy_rows, task.score, progress=args.progress,
-                                       desc="base accuracy")
+    scorer = RunScorer(val_rows, data.metric if args.eval_accuracy else None, out, args.report_to, args.progress)
+    base_accuracy = scorer.base(model, tokenizer) if not args.resume else None
 
     # --- adapter (or every weight for the full fine-tuning baseline)
     if args.method == "full":
@@ -135,6 +127,8 @@ def train_sft(args: SFTArgs) -> TrainResult:
 
     # --- optimizer and schedule
     optimizer, scheduler, state, metrics = start_or_resume(args, model, out)
+    if base_accuracy is not None:
+        metrics.write(step=0, score=base_accuracy)
     params = [p for group in optimizer.param_groups for p in group["params"]]  # clipped each step
     pad = tokenizer.pad_token_id
 
@@ -173,7 +167,9 @@ def train_sft(args: SFTArgs) -> TrainResult:
                 _save_result(model, args, out / "best")
             else:
                 state.evals_without_improvement += 1
+            scorer.at_step(model, tokenizer, row)
         metrics.write(**row)
+        scorer.log(row)
         state.history.append(row)
         bar.update(1)
         bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.1e}", tok_s=f"{row['tokens_per_s']:.0f}")
@@ -192,14 +188,16 @@ def train_sft(args: SFTArgs) -> TrainResult:
         final_val = validation_loss(model, tokenizer, val_set)
         state.history.append({"step": state.step, "val_loss": final_val})
         metrics.write(step=state.step, val_loss=final_val)
+        scorer.log({"step": state.step, "val_loss": final_val})
     if final_val is not None:
         state.best_val_loss = min(state.best_val_loss, final_val)
     adapter_dir = _save_result(model, args, out / ("model" if args.method == "full" else "adapter"), tokenizer)
-    tuned_accuracy = None
-    if accuracy_rows:
-        tuned_accuracy, _ = exact_match(model, tokenizer, accuracy_rows, task.score, progress=args.progress,
-                                        desc="tuned accuracy")
-    plot = plot_losses(state.history, out / "loss.png", f"{args.method} on {args.task or args.train_file}")
+    save_prompt_format(adapter_dir, data.prompt_format)  # how eval / generate / chat prompt this adapter
+    if (out / "best").is_dir():
+        save_prompt_format(out / "best", data.prompt_format)
+    tuned_accuracy = scorer.final(model, tokenizer, state.step, metrics)
+    scorer.close()
+    plot = plot_losses(state.history, out / "loss.png", f"{args.method} on {args.train_file or args.task}")
     result = TrainResult(adapter_dir, base_accuracy, tuned_accuracy,
                          state.best_val_loss if state.best_val_loss < float("inf") else None, final_val, state.step,
                          time.perf_counter() - started, report, plot, metrics.path)
