@@ -33,7 +33,7 @@ import lorakit
 from common import alternate, same_matmul_linears
 from lorakit.allocator import keep_freed_memory
 from lorakit.optim import build_optimizer
-from lorakit.train.common import sft_loss
+from lorakit.losses import sft_loss
 
 
 def timed(fn) -> float:

@@ -27,7 +27,7 @@ import torch
 
 import lorakit
 from lorakit.quant import NF4Linear, cpu_kernels, dequantize_4bit, double_dequantize, double_quantize, quantize_4bit
-from lorakit.train.common import sft_loss
+from lorakit.losses import sft_loss
 
 from common import alternate, child_memory, peak_rss, reset_peak_rss
 

@@ -24,7 +24,7 @@ import lorakit
 from common import child_memory, peak_rss, reset_peak_rss
 from lorakit.data import SFTDataset, collate_sft
 from lorakit.tasks import make_split
-from lorakit.train.common import sft_loss
+from lorakit.losses import sft_loss
 
 
 def main() -> None:

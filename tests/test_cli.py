@@ -20,8 +20,6 @@ CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-needs_sft = pytest.mark.skipif(not hasattr(lorakit.train, "train_sft"), reason="lorakit.train.train_sft not written")
-needs_dpo = pytest.mark.skipif(not hasattr(lorakit.train, "train_dpo"), reason="lorakit.train.train_dpo not written")
 
 
 def byte_tokenizer():
@@ -202,7 +200,6 @@ def test_merge_refuses_to_write_a_bad_merge(capsys, monkeypatch, tiny, tmp_path)
 # --- train / demo
 
 
-@needs_sft
 @pytest.mark.parametrize("config, r", [("sft_lora", 16), ("sft_qlora", 16), ("sft_olora", 32)])
 def test_train_sft(capsys, tiny, tmp_path, config, r):
     base, _ = tiny
@@ -216,7 +213,6 @@ def test_train_sft(capsys, tiny, tmp_path, config, r):
     assert code == 0 and json.loads(out)["r"] == r  # OLoRA saves the equivalent rank-2r plain LoRA
 
 
-@needs_dpo
 def test_train_dpo(capsys, tiny, tmp_path):
     base, _ = tiny
     code, out, _ = run(capsys, "train", ROOT / "configs/dpo_lora.yaml", "--dpo", "--set", f"model={base}",
@@ -226,7 +222,6 @@ def test_train_dpo(capsys, tiny, tmp_path):
     assert (tmp_path / "adapter" / "adapter_config.json").is_file()
 
 
-@needs_sft
 def test_demo(capsys, tiny, tmp_path):
     base, _ = tiny
     code, out, _ = run(capsys, "demo", "--steps", 2, "--output-dir", tmp_path, "--set", f"model={base}",

@@ -150,7 +150,7 @@ def test_lean_activation_formula_by_hand():
 def test_lean_estimate_is_not_below_what_lorakit_keeps():
     """With recompute on and lorakit's loss, the lean estimate still covers what autograd keeps, within 2×."""
     from lorakit import recompute_cheap_activations
-    from lorakit.train.common import sft_loss
+    from lorakit.losses import sft_loss
 
     model = make_tiny_llama(max_position_embeddings=128)
     add_adapter(model, LoraConfig(r=4, target_modules="all-linear"))

@@ -36,7 +36,7 @@ def test_exact_match_counts_hits(tiny_model_dir):
 
 def test_validation_loss_is_mean_token_ce(tiny_model_dir):
     from lorakit.data import SFTDataset, collate_sft
-    from lorakit.train.losses import masked_ce_loss
+    from lorakit.losses import masked_ce_loss
 
     model, tok = load_model(tiny_model_dir)
     rows = [{"prompt": "ab", "completion": "cd"}, {"prompt": "abc", "completion": "d"}]

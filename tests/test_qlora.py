@@ -8,7 +8,7 @@ import torch
 from lorakit_testing import make_tiny_llama
 from lorakit import LoraConfig, add_adapter, merge_and_unload, trainable_parameters, verify_merge
 from lorakit.quant import Int8Linear, NF4Linear, dequantize_model_, quantize_model_
-from lorakit.train.common import sft_loss
+from lorakit.losses import sft_loss
 
 
 @pytest.mark.parametrize("quant", ["nf4", "fp4", "int8"])

@@ -7,7 +7,7 @@ import lorakit.recompute as recompute
 from lorakit_testing import TinyMLP, make_tiny_llama
 from lorakit import LoraConfig, add_adapter, recompute_cheap_activations, stop_recomputing
 from lorakit.quant import quantize_model_
-from lorakit.train.common import sft_loss
+from lorakit.losses import sft_loss
 
 N_LAYERS = 2
 # per layer: input-norm output (kept once by the fused q/k/v LoRA nodes, or 3x on other paths), post-norm output

@@ -1,6 +1,6 @@
 """The ``lorakit`` command: argparse subcommands that parse their arguments and call library functions.
 
-Everything a subcommand does is a library call (``lorakit.train.train_sft``, ``lorakit.evaluate.exact_match``,
+Everything a subcommand does is a library call (``lorakit.train.run_sft``, ``lorakit.evaluate.exact_match``,
 ``lorakit.merge_and_unload``, ``lorakit.inspect.check_fit``, ``lorakit.estimate.estimate_training``, …), so it can
 be tested and scripted without the command line. Errors a user can fix (a typo in a config key, a task name or an
 option, a missing file, an adapter for another base) print one ``lorakit: error: …`` line and exit with status 2;
@@ -44,18 +44,16 @@ def _train(ns: argparse.Namespace) -> int:
 
     config = resolve_config(ns.config) if ns.config else None  # a file, or a built-in name such as sft_lora
     args = train.load_args(train.DPOArgs if ns.dpo else train.SFTArgs, config, ns.set)
-    trainer = getattr(train, "train_dpo" if ns.dpo else "train_sft", None)
-    if trainer is None:
-        raise ValueError(f"this lorakit build has no {'train_dpo' if ns.dpo else 'train_sft'}")
+    recipe = train.run_dpo if ns.dpo else train.run_sft
     data = args.train_file or f"task {args.task!r}"
     print(f"lorakit train: {'DPO' if ns.dpo else 'SFT'} {args.method} r={args.r} on {args.model}, {data}, "
           f"{args.max_steps} steps → {args.output_dir}")
-    print(_summary(trainer(args)))
+    print(_summary(recipe(args)))
     return 0
 
 
 def _demo(ns: argparse.Namespace) -> int:
-    from .train import SFTArgs, train_sft
+    from .train import SFTArgs, run_sft
     from .train.args import parse_overrides
 
     # The demo's validation loss uses 48 of the 200 held-out rows (a forward over all of them costs ~20 s on 2 cores);
@@ -66,7 +64,7 @@ def _demo(ns: argparse.Namespace) -> int:
         overrides["max_steps"] = ns.steps
     args = SFTArgs(**overrides)
     print(f"lorakit demo: {args.method} r={args.r} on {args.model}, task {args.task!r}, {args.max_steps} steps")
-    print(_summary(train_sft(args)))
+    print(_summary(run_sft(args)))
     return 0
 
 

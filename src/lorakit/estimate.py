@@ -182,7 +182,7 @@ def activation_bytes(shape: ModelShape, batch: int, seq: int, dtype_bytes: int, 
     else:
         layers = shape.num_hidden_layers * per_token_layer * tokens * dtype_bytes
     if lean:
-        from .train.head_loss import chunk_rows
+        from .losses import chunk_rows
 
     logit_rows = min(tokens, chunk_rows(shape.vocab_size)) if lean else tokens
     head = 2 * h * tokens * dtype_bytes + 2 * shape.vocab_size * logit_rows * 4

@@ -1,4 +1,7 @@
-"""Evaluation: exact-match accuracy by greedy generation, and validation loss on completion tokens."""
+"""Evaluation: exact-match accuracy by greedy generation, and validation loss on completion tokens.
+
+Both run on the device the model is on (inputs are moved there).
+"""
 
 from __future__ import annotations
 
@@ -13,9 +16,15 @@ from .adapters import active_adapters, merge_adapter, unmerge_adapter
 from .base import is_quantized
 from .cpu_matmul import no_grad_linears
 from .data import SFTDataset, collate_sft, encode_prompt
+from .losses import sft_loss
 from .tasks import row_answer, score_exact
 
 __all__ = ["generate_answers", "exact_match", "validation_loss"]
+
+
+def _device(model: nn.Module) -> torch.device:
+    first = next(iter(model.parameters()), None)
+    return first.device if first is not None else torch.device("cpu")
 
 
 def _stop_ids(tokenizer: Any) -> list[int]:
@@ -38,6 +47,7 @@ def generate_answers(model: nn.Module, tokenizer: Any, prompts: Sequence[Any], b
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     stop = _stop_ids(tokenizer)
     answers: list[str] = [""] * len(encoded)
+    device = _device(model)
     was_training = model.training
     model.eval()
     # Merging removes the per-token LoRA cost while decoding; a quantized base would be re-quantized by it, so it
@@ -57,8 +67,9 @@ def generate_answers(model: nn.Module, tokenizer: Any, prompts: Sequence[Any], b
                 ids[row, width - n:] = torch.tensor(encoded[i])
                 mask[row, width - n:] = 1
             with no_grad_linears():  # the model's own float32 linears and head through oneDNN (lorakit.cpu_matmul)
-                out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                     do_sample=False, pad_token_id=pad, eos_token_id=stop)
+                out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                     max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
+                                     eos_token_id=stop)
             for row, i in enumerate(idx):
                 answers[i] = tokenizer.decode(out[row, width:], skip_special_tokens=True).strip()
     finally:
@@ -88,16 +99,16 @@ def exact_match(model: nn.Module, tokenizer: Any, rows: Sequence[dict], score: C
 def validation_loss(model: nn.Module, tokenizer: Any, rows: Sequence[dict] | SFTDataset, max_length: int = 256,
                     batch_size: int = 16) -> float:
     """Mean cross-entropy per completion token over ``rows`` (the same loss training minimises)."""
-    from .train.common import sft_loss
-
     data = rows if isinstance(rows, SFTDataset) else SFTDataset(rows, tokenizer, max_length)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = _device(model)
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     try:
         for start in range(0, len(data), batch_size):
             batch = collate_sft([data[i] for i in range(start, min(start + batch_size, len(data)))], pad)
+            batch = {k: v.to(device) for k, v in batch.items()}
             with no_grad_linears():
                 loss_sum, n = sft_loss(model, batch)
             total, count = total + loss_sum.item(), count + n

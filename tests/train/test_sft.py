@@ -1,16 +1,16 @@
-"""The SFT loop on a tiny model: the loss falls, resume is bit-exact, checkpointing keeps LoRA's gradients."""
+"""The SFT loop on a tiny model: it trains a model the user built, the loss falls, resume is bit-exact, checkpointing
+keeps LoRA's gradients."""
 
 import json
 
 import pytest
 import torch
 
-from lorakit_testing import make_tiny_llama
+from lorakit_testing import make_byte_tokenizer, make_tiny_llama
 from lorakit import LoraConfig, add_adapter
-from lorakit.train import SFTArgs, train_sft
-from lorakit.train.common import cosine_schedule, sft_loss
-from lorakit.train.losses import masked_ce_loss
-from lorakit.train.sft import batch_indices
+from lorakit.train import SFTArgs, run_sft, train_sft
+from lorakit.losses import sft_loss
+from lorakit.train.common import batch_indices, cosine_schedule
 
 
 def _rows(n=16):
@@ -32,8 +32,40 @@ def _args(tmp_path, model_dir, **kw):
     return SFTArgs(**base)
 
 
+def test_trains_the_model_the_user_built_and_placed(tmp_path):
+    """No loader, no config file: a model built in-process, with the user's own adapter, is trained where it is."""
+    tokenizer = make_byte_tokenizer()
+    model = make_tiny_llama(vocab_size=len(tokenizer), intermediate_size=64, initializer_range=0.3).to("cpu")
+    add_adapter(model, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    threads = torch.get_num_threads()
+    args = SFTArgs(lr=5e-2, warmup_steps=0, batch_size=4, max_steps=12, max_length=32, output_dir=str(tmp_path),
+                   progress=False)
+    result = train_sft(model, tokenizer, _rows(), args, val_data=_rows(4))
+
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all(".lora_B." in n or ".lora_A." in n for n in changed)  # its adapter trained, nothing else
+    assert {n.split(".lora_")[0].rsplit(".", 1)[1] for n in changed} == {"q_proj", "v_proj"}  # no second adapter
+    assert json.loads((result.adapter_dir / "adapter_config.json").read_text())["r"] == 2
+    losses = [json.loads(x)["loss"] for x in result.metrics_path.read_text().splitlines() if '"loss"' in x]
+    assert len(losses) == 12 and losses[-1] < 0.7 * losses[0]
+    assert result.final_val_loss is not None and result.base_accuracy is None  # no score given: no accuracy
+    assert torch.get_num_threads() == threads  # process settings belong to the recipe
+    assert all(p.device.type == "cpu" for p in model.parameters())
+
+
+def test_a_model_without_adapter_gets_the_one_args_describe(tmp_path):
+    tokenizer = make_byte_tokenizer()
+    model = make_tiny_llama(vocab_size=len(tokenizer))
+    args = SFTArgs(r=4, lora_alpha=8, target_modules=["down_proj"], batch_size=4, max_steps=2, max_length=32,
+                   output_dir=str(tmp_path), progress=False)
+    result = train_sft(model, tokenizer, _rows(), args)
+    saved = json.loads((result.adapter_dir / "adapter_config.json").read_text())
+    assert saved["r"] == 4 and saved["target_modules"] == ["down_proj"]
+
+
 def test_loss_falls_and_files_written(tmp_path, tiny_model_dir):
-    result = train_sft(_args(tmp_path, tiny_model_dir, eval_every=4))
+    result = run_sft(_args(tmp_path, tiny_model_dir, eval_every=4))
     rows = [json.loads(line) for line in result.metrics_path.read_text().splitlines()]
     losses = [r["loss"] for r in rows if "loss" in r]
     assert len(losses) == 12 and losses[-1] < 0.5 * losses[0]
@@ -44,7 +76,7 @@ def test_loss_falls_and_files_written(tmp_path, tiny_model_dir):
 
 
 def test_resume_is_bitwise_identical(tmp_path, tiny_model_dir, monkeypatch):
-    full = train_sft(_args(tmp_path / "a", tiny_model_dir, max_steps=6, lora_dropout=0.1))
+    full = run_sft(_args(tmp_path / "a", tiny_model_dir, max_steps=6, lora_dropout=0.1))
     import lorakit.train.sft as sft_module
 
     real_save = sft_module.save_checkpoint
@@ -55,9 +87,9 @@ def test_resume_is_bitwise_identical(tmp_path, tiny_model_dir, monkeypatch):
 
     monkeypatch.setattr(sft_module, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        train_sft(_args(tmp_path / "b", tiny_model_dir, max_steps=6, save_every=3, lora_dropout=0.1))
+        run_sft(_args(tmp_path / "b", tiny_model_dir, max_steps=6, save_every=3, lora_dropout=0.1))
     monkeypatch.setattr(sft_module, "save_checkpoint", real_save)
-    resumed = train_sft(_args(tmp_path / "b", tiny_model_dir, max_steps=6, save_every=3, lora_dropout=0.1,
+    resumed = run_sft(_args(tmp_path / "b", tiny_model_dir, max_steps=6, save_every=3, lora_dropout=0.1,
                               resume=True))
     from safetensors.torch import load_file
 
@@ -67,43 +99,9 @@ def test_resume_is_bitwise_identical(tmp_path, tiny_model_dir, monkeypatch):
 
 
 def test_full_finetune_baseline(tmp_path, tiny_model_dir):
-    result = train_sft(_args(tmp_path, tiny_model_dir, method="full", max_steps=4, lr=1e-3))
+    result = run_sft(_args(tmp_path, tiny_model_dir, method="full", max_steps=4, lr=1e-3))
     assert result.trainable.percent == 100
     assert (tmp_path / "run" / "model" / "config.json").is_file()
-
-
-def _batch():
-    ids = torch.randint(0, 96, (2, 9))
-    labels = ids.clone()
-    labels[:, :4] = -100
-    labels[1, 7:] = -100
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
-
-
-def test_sft_loss_equals_full_logits_masked_ce():
-    model = make_tiny_llama()
-    batch = _batch()
-    loss_sum, n = sft_loss(model, batch)
-    logits = model(input_ids=batch["input_ids"]).logits
-    expected = masked_ce_loss(logits, batch["labels"])
-    torch.testing.assert_close(loss_sum / n, expected, atol=1e-5, rtol=0)
-    assert n == int((batch["labels"][:, 1:] != -100).sum())
-
-
-def test_sft_loss_without_decoder_uses_full_logits():
-    class Plain(torch.nn.Module):  # a causal LM that offers no get_decoder / get_output_embeddings
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, **kw):
-            return self.inner(**kw)
-
-    inner = make_tiny_llama()
-    batch = _batch()
-    loss_sum, n = sft_loss(Plain(inner), batch)
-    expected = masked_ce_loss(inner(input_ids=batch["input_ids"]).logits, batch["labels"])
-    torch.testing.assert_close(loss_sum / n, expected, atol=1e-5, rtol=0)
 
 
 def test_gradient_checkpointing_gives_the_same_lora_grads():
@@ -146,7 +144,7 @@ def test_unknown_arg_suggests(tmp_path):
 
 
 def test_bfloat16_training_runs_and_learns(tmp_path, tiny_model_dir):
-    result = train_sft(_args(tmp_path, tiny_model_dir, dtype="bfloat16"))
+    result = run_sft(_args(tmp_path, tiny_model_dir, dtype="bfloat16"))
     rows = [json.loads(line) for line in result.metrics_path.read_text().splitlines() if '"loss"' in line]
     assert rows[-1]["loss"] < 0.7 * rows[0]["loss"]
     from safetensors.torch import load_file
@@ -155,7 +153,7 @@ def test_bfloat16_training_runs_and_learns(tmp_path, tiny_model_dir):
 
 
 def test_qlora_method_trains(tmp_path, tiny_model_dir):
-    result = train_sft(_args(tmp_path, tiny_model_dir, method="qlora", max_steps=6))
+    result = run_sft(_args(tmp_path, tiny_model_dir, method="qlora", max_steps=6))
     assert (result.adapter_dir / "adapter_config.json").is_file()
     rows = [json.loads(line) for line in result.metrics_path.read_text().splitlines() if '"loss"' in line]
     assert rows[-1]["loss"] < rows[0]["loss"]

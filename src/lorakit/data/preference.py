@@ -6,7 +6,7 @@ template exactly as ``lorakit.data.sft`` renders SFT rows, so a completion ends 
 end-of-turn marker; string completions of a string prompt end with EOS.
 
 ``collate_preference`` stacks chosen rows then rejected rows into one batch of size ``2B``, so
-one forward pass scores both and ``lorakit.train.losses.sequence_logps(logits, labels).chunk(2)``
+one forward pass scores both and ``lorakit.losses.sequence_logps(logits, labels).chunk(2)``
 gives ``(chosen_logps, rejected_logps)``.
 """
 

@@ -1,7 +1,7 @@
 """Tokenize SFT rows into ``input_ids`` + ``labels``, batch them, and optionally pack them.
 
 Labels are aligned with ``input_ids`` (not shifted); the loss shifts them
-(``lorakit.train.losses.masked_ce_loss``). ``labels[t] == -100`` means "no loss on token t".
+(``lorakit.losses.masked_ce_loss``). ``labels[t] == -100`` means "no loss on token t".
 
 Which tokens carry loss (``completion_only=True``, the default):
 

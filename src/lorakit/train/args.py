@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..config import LoraConfig
 from ..fields import ConfigError, check_range, coerce, coerce_fields
 
 __all__ = ["SFTArgs", "DPOArgs", "load_args", "parse_overrides"]
@@ -44,7 +45,8 @@ class SFTArgs:
     """Rank-stabilised scaling alpha / sqrt(r)."""
     # --- data
     task: str | None = "dates"
-    """A built-in task (``dates``, ``extract``, ``reverse``); ignored when ``train_file`` is set."""
+    """A built-in task (``dates``, ``extract``, ``reverse``); ignored when ``train_file`` is set. The recipe
+    (``run_sft``) needs one of the two; ``train_sft`` takes rows and needs neither."""
     train_file: str | None = None
     """A JSONL/JSON file of prompt/completion, messages or text rows."""
     val_file: str | None = None
@@ -130,8 +132,6 @@ class SFTArgs:
             raise ConfigError(f"method={self.method!r}; use 'lora', 'qlora' or 'full'")
         if self.dtype not in ("float32", "bfloat16"):
             raise ConfigError(f"dtype={self.dtype!r}; use 'float32' or 'bfloat16'")
-        if self.train_file is None and self.task is None:
-            raise ConfigError("no data: set task (a built-in task) or train_file (a JSONL file)")
         if self.val_file and self.val_fraction:
             raise ConfigError("set val_file or val_fraction, not both")
         for name in ("r", "batch_size", "grad_accum", "max_steps", "max_length"):
@@ -152,6 +152,12 @@ class SFTArgs:
         check_range("max_grad_norm", self.max_grad_norm, low=0, fix="0 disables clipping")
         if not str(self.output_dir).strip():
             raise ConfigError("output_dir='' is empty; name a directory such as runs/sft")
+
+    def lora_config(self) -> LoraConfig:
+        """The adapter these arguments describe (``r``, ``lora_alpha``, ``lora_dropout``, ``target_modules``, ...)."""
+        return LoraConfig(r=self.r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
+                          target_modules=self.target_modules, init_lora_weights=self.init_lora_weights,
+                          use_rslora=self.use_rslora)
 
 
 @dataclass

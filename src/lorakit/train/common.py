@@ -1,128 +1,83 @@
-"""Small pieces the SFT and DPO loops share: the loss on labelled tokens, schedule, checkpoints, metrics, plot."""
+"""Small pieces the SFT and DPO loops share: data order, schedule, optimizer, results, metrics, plot.
+
+Each helper takes the few values it uses, not a whole ``SFTArgs``.
+"""
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import random
-import shutil
-import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..config import LoraConfig
-from ..data import IGNORE_INDEX
-from ..models import load_model
+from ..adapters import TrainableReport
 from ..optim import build_optimizer
+from ..peft_format import save_adapter
 from ..recompute import recompute_cheap_activations
-from ..allocator import keep_freed_memory
-from .head_loss import head_cross_entropy
 
-__all__ = ["start_run", "lora_config", "save_activation_memory", "optimizer_and_schedule", "labelled_losses", "sft_loss", "token_logps", "cosine_schedule", "TrainState", "save_checkpoint", "load_checkpoint",
-           "latest_checkpoint", "MetricsLog", "plot_losses", "seed_everything"]
+__all__ = ["TrainResult", "batch_indices", "model_device", "to_device", "save_activation_memory",
+           "optimizer_and_schedule", "cosine_schedule", "save_result", "write_summary", "MetricsLog", "plot_losses"]
 
 
-def _decoder_and_head(model: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
-    get_decoder = getattr(model, "get_decoder", None)
-    get_head = getattr(model, "get_output_embeddings", None)
-    if not (callable(get_decoder) and callable(get_head)):
-        return None, None
-    decoder, head = get_decoder(), get_head()
-    return (decoder, head) if decoder is not None and head is not None and decoder is not model else (None, None)
+@dataclass
+class TrainResult:
+    """What a run produced and measured."""
+
+    adapter_dir: Path | None
+    base_accuracy: float | None
+    tuned_accuracy: float | None
+    best_val_loss: float | None
+    final_val_loss: float | None
+    steps: int
+    seconds: float
+    trainable: TrainableReport
+    plot_path: Path | None
+    metrics_path: Path
 
 
-def labelled_losses(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Float32 next-token cross-entropy at every position that predicts a label, and where they are.
+def batch_indices(micro: int, n_examples: int, batch_size: int, seed: int) -> list[int]:
+    """Example indices of micro-batch number ``micro``: a fresh seeded permutation each epoch.
 
-    Returns:
-        ``losses`` (N,) and ``keep`` (B, T-1), the mask that selected them (position t predicts token t + 1).
-
-    Note: head on labelled tokens only
-        The output head (vocab × hidden; 28% of SmolLM2's weights) is applied only where a label exists, so
-        prompt and padding positions never pay for it, and the (batch, seq, vocab) logits tensor is never built:
-        a frozen ``nn.Linear`` head goes through :func:`head_cross_entropy` (chunked, gradient computed in the
-        forward pass). A trainable or wrapped head gets float32 logits at the labelled positions. Models without
-        ``get_decoder``/``get_output_embeddings`` fall back to their full logits.
+    A pure function of its arguments, so resuming at micro-batch ``k`` replays exactly the data order of an
+    uninterrupted run.
     """
-    targets = batch["labels"][:, 1:]
-    keep = targets != IGNORE_INDEX
-    targets = targets[keep]
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-    decoder, head = _decoder_and_head(model)
-    if decoder is None:
-        logits = model(**inputs).logits[:, :-1][keep]
-        return F.cross_entropy(logits.float(), targets, reduction="none"), keep
-    hidden = decoder(**inputs).last_hidden_state[:, :-1][keep]  # (N, hidden)
-    if type(head) is nn.Linear and not any(p.requires_grad for p in head.parameters()):
-        return head_cross_entropy(hidden, head.weight, targets, head.bias), keep
-    return F.cross_entropy(head(hidden).float(), targets, reduction="none"), keep
+    per_epoch = max(1, n_examples // batch_size)
+    epoch, slot = divmod(micro, per_epoch)
+    perm = torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    return perm[slot * batch_size:(slot + 1) * batch_size].tolist()
 
 
-def sft_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross-entropy over labelled tokens, and their count."""
-    losses, _ = labelled_losses(model, batch)
-    return losses.sum(), int(losses.numel())
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (where its batches go); CPU for a model without parameters."""
+    first = next(iter(model.parameters()), None)
+    return first.device if first is not None else torch.device("cpu")
 
 
-def token_logps(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Per-row sum of log-probabilities of the labelled tokens, shape (B,) — DPO's sequence log-likelihood."""
-    losses, keep = labelled_losses(model, batch)
-    rows = torch.arange(keep.shape[0], device=keep.device)[:, None].expand_as(keep)[keep]
-    return torch.zeros(keep.shape[0], dtype=losses.dtype, device=losses.device).index_add(0, rows, -losses)
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """``batch`` with every tensor on ``device`` (no copy when it is already there)."""
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def start_run(args) -> tuple[Path, nn.Module, Any]:
-    """What every run does first: output dir, malloc settings, threads, seed, then the base (NF4-quantized for ``method: qlora``).
-
-    Returns:
-        ``(output_dir, model, tokenizer)``; the tokenizer gets EOS as its pad token when it has none.
-    """
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    keep_freed_memory()  # See Note: why a training step pays for page faults
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    seed_everything(args.seed)
-    dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
-    qlora = args.method == "qlora"
-    model, tokenizer = load_model(args.model, quantization="nf4" if qlora else None, compute_dtype=dtype,
-                                  dtype=torch.float32 if qlora else dtype)
-    if tokenizer is None:
-        raise ValueError(f"{args.model} holds no tokenizer, which training needs; save one there with "
-                         "tokenizer.save_pretrained")
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return out, model, tokenizer
-
-
-def lora_config(args) -> LoraConfig:
-    """The adapter config a run's arguments describe."""
-    return LoraConfig(r=args.r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                      target_modules=args.target_modules, init_lora_weights=args.init_lora_weights,
-                      use_rslora=args.use_rslora)
-
-
-def save_activation_memory(model: nn.Module, args) -> None:
-    """Gradient checkpointing when ``args`` asks for it, else :func:`~lorakit.recompute_cheap_activations`
-    (when ``args.recompute_activations``; models without gated-MLP blocks are left as they are)."""
-    if args.gradient_checkpointing:
+def save_activation_memory(model: nn.Module, gradient_checkpointing: bool, recompute_activations: bool) -> None:
+    """Gradient checkpointing when asked, else :func:`~lorakit.recompute_cheap_activations` (when
+    ``recompute_activations``; models without gated-MLP blocks are left as they are)."""
+    if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    elif args.recompute_activations:
+    elif recompute_activations:
         recompute_cheap_activations(model, strict=False)
 
 
-def optimizer_and_schedule(args, params: list[torch.Tensor]):
-    """``build_optimizer(args.optimizer)`` and a warm-up + cosine ``LambdaLR`` over ``args.max_steps``."""
-    optimizer = build_optimizer(args.optimizer, params, lr=args.lr, weight_decay=args.weight_decay)
+def optimizer_and_schedule(params: list[torch.Tensor], optimizer: str, lr: float, weight_decay: float,
+                           warmup_steps: int, max_steps: int, min_lr_ratio: float):
+    """``build_optimizer(optimizer)`` and a warm-up + cosine ``LambdaLR`` over ``max_steps``."""
+    opt = build_optimizer(optimizer, params, lr=lr, weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: cosine_schedule(s, args.warmup_steps, args.max_steps, args.min_lr_ratio))
-    return optimizer, scheduler
+        opt, lambda s: cosine_schedule(s, warmup_steps, max_steps, min_lr_ratio))
+    return opt, scheduler
 
 
 def cosine_schedule(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -133,71 +88,22 @@ def cosine_schedule(step: int, warmup: int, total: int, min_ratio: float) -> flo
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
+def save_result(model: nn.Module, path: Path, full: bool, tokenizer=None) -> Path:
+    """The trained adapter (PEFT format) at ``path``, or with ``full`` the whole model (and tokenizer)."""
+    if full:
+        model.save_pretrained(path)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(path)
+    else:
+        save_adapter(model, path)
+    return path
 
 
-@dataclass
-class TrainState:
-    """Where a run is: optimizer steps done, micro-batches consumed, early-stopping bookkeeping."""
-
-    step: int = 0
-    micro: int = 0
-    best_val_loss: float = float("inf")
-    evals_without_improvement: int = 0
-    elapsed: float = 0.0
-    history: list[dict] = field(default_factory=list)
-
-
-def save_checkpoint(directory: Path, step: int, save_weights, optimizer, scheduler, state: TrainState,
-                    keep: int = 2) -> Path:
-    """Write ``directory/checkpoint-<step>`` atomically (temp dir + rename) and keep the newest ``keep``.
-
-    Holds the trainable weights (``save_weights(path)``), optimizer and scheduler states, the RNG states and the
-    :class:`TrainState` (step and data position), which is everything :func:`load_checkpoint` needs to continue
-    bit for bit.
-    """
-    directory.mkdir(parents=True, exist_ok=True)
-    final = directory / f"checkpoint-{step}"
-    tmp = Path(tempfile.mkdtemp(prefix=".checkpoint-", dir=directory))
-    try:
-        save_weights(tmp / "weights")
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}, tmp / "trainer.pt")
-        (tmp / "state.json").write_text(json.dumps(asdict(state)))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    for old in sorted(directory.glob("checkpoint-*"), key=_step_of)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def _step_of(path: Path) -> int:
-    try:
-        return int(path.name.rsplit("-", 1)[1])
-    except (IndexError, ValueError):
-        return -1
-
-
-def latest_checkpoint(directory: Path) -> Path | None:
-    """The newest complete ``checkpoint-<step>`` under ``directory`` (None if there is none)."""
-    done = [p for p in directory.glob("checkpoint-*") if (p / "state.json").is_file()]
-    return max(done, key=_step_of) if done else None
-
-
-def load_checkpoint(path: Path, load_weights, optimizer, scheduler) -> TrainState:
-    """Restore what :func:`save_checkpoint` wrote; returns the saved :class:`TrainState`."""
-    load_weights(path / "weights")
-    blob = torch.load(path / "trainer.pt", weights_only=False)
-    optimizer.load_state_dict(blob["optimizer"])
-    scheduler.load_state_dict(blob["scheduler"])
-    torch.set_rng_state(blob["torch_rng"])
-    random.setstate(blob["python_rng"])
-    return TrainState(**json.loads((path / "state.json").read_text()))
+def write_summary(path: Path, result: TrainResult) -> None:
+    """``summary.json``: the :class:`TrainResult` as JSON (paths as strings, the trainable report flattened)."""
+    data = {k: (str(v) if isinstance(v, Path) else v) for k, v in result.__dict__.items() if k != "trainable"}
+    data.update(trainable=result.trainable.trainable, total=result.trainable.total, percent=result.trainable.percent)
+    path.write_text(json.dumps(data, indent=2) + "\n")
 
 
 class MetricsLog:

@@ -1,29 +1,34 @@
 """`train_dpo`: preference tuning with sigmoid DPO (https://arxiv.org/abs/2305.18290), one top-to-bottom function.
 
 The reference model is the same model with its adapter disabled (no second copy in memory), or, when training
-continues from an existing adapter, a frozen copy of that adapter held as a second named adapter: disabling would
-give the bare base, which is not the model that produced the starting policy (TRL PR #4723).
+continues from an existing adapter (``args.reference_adapter``), a frozen copy of that adapter held as a second
+named adapter: disabling would give the bare base, which is not the model that produced the starting policy (TRL
+PR #4723). The recipe that loads a model from a config and calls this function is :func:`lorakit.train.run_dpo`.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..adapters import disable_adapter, set_adapter, trainable_parameters
+from ..adapters import delete_adapter, disable_adapter, set_adapter, trainable_parameters
 from ..cpu_matmul import no_grad_linears
-from ..data import PreferenceDataset, collate_preference, load_splits
+from ..data import PreferenceDataset, collate_preference
 from ..fast_linears import fast_frozen_linears
-from ..inject import add_adapter
+from ..inject import adapter_configs, add_adapter
+from ..losses import dpo_loss, token_logps
 from ..peft_format import load_adapter
 from .args import DPOArgs
-from .common import lora_config, plot_losses, save_activation_memory, save_checkpoint, start_run, token_logps
-from .losses import dpo_loss
-from .sft import TrainResult, _save_result, _write_summary, batch_indices, save_trainable, start_or_resume
+from .checkpoints import resume_or_start, save_checkpoint
+from .common import (MetricsLog, TrainResult, batch_indices, model_device, optimizer_and_schedule, plot_losses,
+                     save_activation_memory, save_result, to_device, write_summary)
 
 __all__ = ["train_dpo", "reference_logps"]
 
@@ -59,45 +64,65 @@ def _dpo_step_loss(model, batch, ref, beta):
     return dpo_loss(pc, pr, rc, rr, beta)
 
 
-def train_dpo(args: DPOArgs) -> TrainResult:
-    """Preference-tune ``args.model`` on ``{"prompt", "chosen", "rejected"}`` rows from ``args.train_file``.
+def train_dpo(model: nn.Module, tokenizer: Any, train_data: Sequence[dict] | PreferenceDataset, args: DPOArgs,
+              val_data: Sequence[dict] | PreferenceDataset | None = None) -> TrainResult:
+    """Preference-tune ``model`` on ``train_data`` and save the adapter to ``args.output_dir``.
+
+    Trains what it is given, where it is: with ``args.reference_adapter`` that adapter is loaded twice (trainable
+    ``default`` and frozen ``reference``); otherwise a model without an adapter gets one from ``args``, and a model
+    that has adapters trains them as they are, with the adapters disabled as the reference.
+
+    Args:
+        model: a causal LM on any device (batches go to the device of its parameters).
+        tokenizer: its tokenizer; EOS pads when it has no pad token.
+        train_data: ``{"prompt", "chosen", "rejected"}`` rows (``lorakit.data.load_rows(...,
+            formats=["preference"]).rows``), tokenized here with ``args.max_length`` and ``skip_bad_rows``; or a
+            :class:`~lorakit.data.PreferenceDataset`.
+        args: the loop's settings (``beta``, steps, batch, lr, ...).
+        val_data: held-out preference rows (or a dataset) for the validation DPO loss.
 
     Returns:
-        A :class:`~lorakit.train.sft.TrainResult` (accuracies are None; ``best_val_loss`` is the DPO loss on the
+        A :class:`~lorakit.train.TrainResult` (accuracies are None; ``best_val_loss`` is the DPO loss on the
         validation rows). Metrics per step: loss, reward accuracy, chosen/rejected rewards and margin.
     """
     started = time.perf_counter()
-    if not args.train_file:
-        raise ValueError("DPO needs train_file: a JSONL file of {prompt, chosen, rejected} rows")
     if args.method == "full":
         raise ValueError("method='full' has no adapter to disable for the reference; use lora or qlora for DPO")
-    # --- model, adapter(s), data
-    out, model, tokenizer = start_run(args)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    device = model_device(model)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    # --- adapter(s)
     has_ref = args.reference_adapter is not None
     if has_ref:
         load_adapter(model, args.reference_adapter, "default")
         load_adapter(model, args.reference_adapter, REFERENCE)
         set_adapter(model, "default")
-    else:
-        add_adapter(model, lora_config(args))
-    save_activation_memory(model, args)
+    elif not adapter_configs(model):
+        add_adapter(model, args.lora_config())
+    save_activation_memory(model, args.gradient_checkpointing, args.recompute_activations)
     fast_frozen_linears(model)  # the layers target_modules leave out compute through oneDNN too (cpu_matmul)
-    train_rows, val_rows = load_splits(args.train_file, args.val_file, val_fraction=args.val_fraction,
-                                       seed=args.seed, skip_bad=args.skip_bad_rows, formats=["preference"])
-    train_set = PreferenceDataset(train_rows, tokenizer, args.max_length, skip_bad=args.skip_bad_rows)
-    val_set = PreferenceDataset(val_rows, tokenizer, args.max_length) if val_rows else None
+
+    # --- data
+    train_set = train_data if isinstance(train_data, PreferenceDataset) else PreferenceDataset(
+        train_data, tokenizer, args.max_length, skip_bad=args.skip_bad_rows)
+    val_set = val_data if isinstance(val_data, PreferenceDataset) else (
+        PreferenceDataset(val_data, tokenizer, args.max_length) if val_data else None)
     if len(train_set) < args.batch_size:
         raise ValueError(f"{len(train_set)} preference rows < batch_size={args.batch_size}; add data or lower it")
-    pad = tokenizer.pad_token_id
     ref_cache: dict[int, torch.Tensor] = {}
     if args.precompute_reference:
         for i in tqdm(range(len(train_set)), desc="reference log-probs", disable=not args.progress):
-            ref_cache[i] = reference_logps(model, collate_preference([train_set[i]], pad), has_ref)
+            ref_cache[i] = reference_logps(model, to_device(collate_preference([train_set[i]], pad), device), has_ref)
 
     # --- optimizer and schedule
     report = trainable_parameters(model)
-    optimizer, scheduler, state, metrics = start_or_resume(args, model, out)
-    params = [p for group in optimizer.param_groups for p in group["params"]]  # clipped each step
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer, scheduler = optimizer_and_schedule(params, args.optimizer, args.lr, args.weight_decay,
+                                                  args.warmup_steps, args.max_steps, args.min_lr_ratio)
+    state, fresh = resume_or_start(out, args.resume, model, optimizer, scheduler)
+    metrics = MetricsLog(out / "metrics.jsonl", fresh=fresh)
 
     # --- loop
     model.train()
@@ -108,7 +133,7 @@ def train_dpo(args: DPOArgs) -> TrainResult:
         for _ in range(args.grad_accum):
             idx = batch_indices(state.micro, len(train_set), args.batch_size, args.seed)
             state.micro += 1
-            batch = collate_preference([train_set[i] for i in idx], pad)
+            batch = to_device(collate_preference([train_set[i] for i in idx], pad), device)
             if args.precompute_reference:
                 ref = torch.cat([torch.cat([ref_cache[i].chunk(2)[half] for i in idx]) for half in (0, 1)])
             else:
@@ -127,10 +152,10 @@ def train_dpo(args: DPOArgs) -> TrainResult:
         state.elapsed += time.perf_counter() - step_start
         row = {"step": state.step, **sums, "lr": scheduler.get_last_lr()[0], "elapsed_s": state.elapsed}
         if val_set is not None and args.eval_every and state.step % args.eval_every == 0:
-            row["val_loss"] = _val_dpo(model, val_set, pad, args.beta, has_ref)
+            row["val_loss"] = _val_dpo(model, val_set, pad, args.beta, has_ref, device)
             if row["val_loss"] < state.best_val_loss:
                 state.best_val_loss, state.evals_without_improvement = row["val_loss"], 0
-                _save_result(model, args, out / "best")
+                save_result(model, out / "best", full=False)
             else:
                 state.evals_without_improvement += 1
         metrics.write(**row)
@@ -138,36 +163,34 @@ def train_dpo(args: DPOArgs) -> TrainResult:
         bar.update(1)
         bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['reward_accuracy']:.2f}")
         if args.save_every and state.step % args.save_every == 0:
-            save_checkpoint(out, state.step, lambda p: save_trainable(model, p), optimizer, scheduler, state)
+            save_checkpoint(out, state.step, model, optimizer, scheduler, state)
         if args.early_stopping_patience and state.evals_without_improvement >= args.early_stopping_patience:
             break
     bar.close()
 
     # --- save
-    final_val = _val_dpo(model, val_set, pad, args.beta, has_ref) if val_set is not None else None
+    final_val = _val_dpo(model, val_set, pad, args.beta, has_ref, device) if val_set is not None else None
     if final_val is not None:
         state.history.append({"step": state.step, "val_loss": final_val})
         state.best_val_loss = min(state.best_val_loss, final_val)
     if has_ref:
-        from ..adapters import delete_adapter
-
         delete_adapter(model, REFERENCE)
-    adapter_dir = _save_result(model, args, out / "adapter")
-    plot = plot_losses(state.history, out / "loss.png", f"DPO on {args.train_file}")
+    adapter_dir = save_result(model, out / "adapter", full=False)
+    plot = plot_losses(state.history, out / "loss.png", f"DPO on {args.train_file or 'rows'}")
     result = TrainResult(adapter_dir, None, None, state.best_val_loss if state.best_val_loss < float("inf") else None,
                          final_val, state.step, time.perf_counter() - started, report, plot, metrics.path)
-    _write_summary(out / "summary.json", result)
+    write_summary(out / "summary.json", result)
     return result
 
 
 @torch.no_grad()
-def _val_dpo(model, data, pad, beta, has_ref) -> float:
+def _val_dpo(model, data, pad, beta, has_ref, device) -> float:
     was = model.training
     model.eval()
     total = 0.0
     try:
         for i in range(len(data)):
-            batch = collate_preference([data[i]], pad)
+            batch = to_device(collate_preference([data[i]], pad), device)
             loss, *_ = _dpo_step_loss(model, batch, reference_logps(model, batch, has_ref), beta)
             total += loss.item()
     finally:

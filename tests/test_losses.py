@@ -1,4 +1,5 @@
-"""lorakit.train.losses against hand-computed numbers and torch's own cross entropy."""
+"""lorakit.losses against hand-computed numbers, torch's own cross entropy and full logits: the pure functions, the
+model-level loss of the training loop (head on labelled tokens only) and the chunked frozen-head cross-entropy."""
 
 import math
 
@@ -6,7 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lorakit.train.losses import dpo_loss, masked_ce_loss, sequence_logps
+from lorakit_testing import make_tiny_llama
+from lorakit import losses
+from lorakit.losses import (chunk_rows, dpo_loss, head_cross_entropy, masked_ce_loss, sequence_logps, sft_loss,
+                            token_logps)
 
 M = -100
 
@@ -139,3 +143,115 @@ def test_dpo_loss_checks():
         dpo_loss(x, x, x, x, beta=0.0)
     with pytest.raises(ValueError, match="one shape"):
         dpo_loss(x, x, x, torch.zeros(3))
+
+
+# --- head_cross_entropy: equals F.cross_entropy on full logits, in value and in gradient, chunk by chunk
+
+
+def _inputs(n=37, d=24, vocab=101, dtype=torch.float32, bias=False):
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(n, d, generator=g).to(dtype).requires_grad_()
+    weight = torch.randn(vocab, d, generator=g).to(dtype)
+    b = torch.randn(vocab, generator=g).to(dtype) if bias else None
+    targets = torch.randint(0, vocab, (n,), generator=g)
+    return hidden, weight, b, targets
+
+
+def _reference(hidden, weight, bias, targets):
+    logits = F.linear(hidden, weight, bias).float()
+    return F.cross_entropy(logits, targets, reduction="none")
+
+
+@pytest.mark.parametrize("rows", [1, 5, 16, 37, 100])
+@pytest.mark.parametrize("bias", [False, True])
+def test_value_and_gradient_equal_full_logits(rows, bias):
+    hidden, weight, b, targets = _inputs(bias=bias)
+    upstream = torch.rand(hidden.shape[0], generator=torch.Generator().manual_seed(1))  # not all ones
+    ours = head_cross_entropy(hidden, weight, targets, b, rows=rows)
+    (grad_ours,) = torch.autograd.grad((ours * upstream).sum(), hidden)
+    ref = _reference(hidden, weight, b, targets)
+    (grad_ref,) = torch.autograd.grad((ref * upstream).sum(), hidden)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grad_ours, grad_ref, atol=1e-5, rtol=1e-5)
+
+
+def test_bfloat16_matches_reference_in_bfloat16():
+    hidden, weight, _, targets = _inputs(dtype=torch.bfloat16)
+    ours = head_cross_entropy(hidden, weight, targets, rows=8)
+    (grad_ours,) = torch.autograd.grad(ours.sum(), hidden)
+    ref = _reference(hidden, weight, None, targets)
+    (grad_ref,) = torch.autograd.grad(ref.sum(), hidden)
+    assert ours.dtype == torch.float32 and grad_ours.dtype == torch.bfloat16
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(grad_ours.float(), grad_ref.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_no_grad_gives_losses_only(monkeypatch):
+    hidden, weight, _, targets = _inputs()
+    matmuls = []
+    real_mm = losses.matmul
+    monkeypatch.setattr(losses, "matmul", lambda *a, **k: matmuls.append(1) or real_mm(*a, **k))
+    head_cross_entropy(hidden, weight, targets, rows=4)
+    assert matmuls  # with grad: one gradient GEMM per chunk
+    matmuls.clear()
+    with torch.no_grad():
+        ours = head_cross_entropy(hidden, weight, targets, rows=4)
+    assert not ours.requires_grad and not matmuls  # no gradient GEMM under no_grad
+    torch.testing.assert_close(ours, _reference(hidden.detach(), weight, None, targets), atol=1e-5, rtol=1e-5)
+
+
+def test_trainable_head_and_bad_shapes_are_refused():
+    hidden, weight, _, targets = _inputs()
+    with pytest.raises(ValueError, match="frozen head"):
+        head_cross_entropy(hidden, weight.requires_grad_(), targets)
+    with pytest.raises(ValueError, match="expected hidden"):
+        head_cross_entropy(hidden, weight.detach()[:, :5], targets)
+
+
+def test_chunk_rows_keeps_a_chunk_within_budget():
+    assert chunk_rows(49152) * 49152 * 4 <= 32 * 2**20 < (chunk_rows(49152) + 1) * 49152 * 4
+    assert chunk_rows(10**9) == 16
+
+
+# --- on a model: sft_loss / token_logps against full logits
+
+
+def _batch(rows=2):
+    ids = torch.randint(0, 96, (rows, 9))
+    labels = ids.clone()
+    labels[:, :4] = -100
+    labels[1, 7:] = -100
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+def test_sft_loss_equals_full_logits_masked_ce():
+    model = make_tiny_llama()
+    batch = _batch()
+    loss_sum, n = sft_loss(model, batch)
+    logits = model(input_ids=batch["input_ids"]).logits
+    expected = masked_ce_loss(logits, batch["labels"])
+    torch.testing.assert_close(loss_sum / n, expected, atol=1e-5, rtol=0)
+    assert n == int((batch["labels"][:, 1:] != -100).sum())
+
+
+def test_sft_loss_without_decoder_uses_full_logits():
+    class Plain(torch.nn.Module):  # a causal LM that offers no get_decoder / get_output_embeddings
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, **kw):
+            return self.inner(**kw)
+
+    inner = make_tiny_llama()
+    batch = _batch()
+    loss_sum, n = sft_loss(Plain(inner), batch)
+    expected = masked_ce_loss(inner(input_ids=batch["input_ids"]).logits, batch["labels"])
+    torch.testing.assert_close(loss_sum / n, expected, atol=1e-5, rtol=0)
+
+
+def test_token_logps_equals_sequence_logps_on_full_logits():
+    model = make_tiny_llama()
+    batch = _batch(4)
+    expected = sequence_logps(model(input_ids=batch["input_ids"]).logits, batch["labels"])
+    torch.testing.assert_close(token_logps(model, batch), expected, atol=1e-5, rtol=0)

@@ -1,0 +1,92 @@
+"""The recipes behind ``lorakit train`` and ``lorakit demo``: process settings, the base model and the data from a
+config, then :func:`~lorakit.train.train_sft` / :func:`~lorakit.train.train_dpo` on what was loaded.
+
+Everything process-wide a run changes is set here, grouped, and nowhere in the loops: the malloc setting
+(:func:`~lorakit.keep_freed_memory`), torch's thread count and the seed.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..allocator import keep_freed_memory
+from ..data import load_splits
+from ..models import load_model
+from ..tasks import Task, get_task, make_split
+from ..fields import ConfigError
+from .args import DPOArgs, SFTArgs
+from .common import TrainResult
+from .dpo import train_dpo
+from .sft import train_sft
+
+__all__ = ["run_sft", "run_dpo", "process_settings", "load_base", "sft_rows", "seed_everything"]
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's and torch's global generators (adapter init, dropout)."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def process_settings(threads: int, seed: int) -> None:
+    """The process-wide settings of a training run: malloc keeps freed memory (See Note: why a training step pays
+    for page faults), ``threads`` torch threads (0 keeps torch's default), and the seed."""
+    keep_freed_memory()
+    if threads:
+        torch.set_num_threads(threads)
+    seed_everything(seed)
+
+
+def load_base(model: str, method: str, dtype: str) -> tuple[nn.Module, Any]:
+    """The base model (NF4-quantized for ``method == "qlora"``) and its tokenizer, which gets EOS as its pad token
+    when it has none."""
+    compute = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+    qlora = method == "qlora"
+    base, tokenizer = load_model(model, quantization="nf4" if qlora else None, compute_dtype=compute,
+                                 dtype=torch.float32 if qlora else compute)
+    if tokenizer is None:
+        raise ValueError(f"{model} holds no tokenizer, which training needs; save one there with "
+                         "tokenizer.save_pretrained")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return base, tokenizer
+
+
+def sft_rows(args: SFTArgs) -> tuple[list[dict], list[dict], Task | None]:
+    """``(train_rows, val_rows, task)``: from ``args.train_file`` (task None) or a built-in task's split."""
+    if args.train_file:
+        train, val = load_splits(args.train_file, args.val_file, val_fraction=args.val_fraction, seed=args.seed,
+                                 skip_bad=args.skip_bad_rows)
+        return train, val, None
+    if args.task is None:
+        raise ConfigError("no data: set task (a built-in task) or train_file (a JSONL file)")
+    task = get_task(args.task)
+    train, val = make_split(task, args.n_train, args.n_eval, seed=args.seed)
+    return train, val, task
+
+
+def run_sft(args: SFTArgs) -> TrainResult:
+    """Settings, base model and data from ``args``, then :func:`~lorakit.train.train_sft` (what ``lorakit train``
+    and ``lorakit demo`` run). A built-in task also gets exact-match accuracy before and after training."""
+    process_settings(args.threads, args.seed)
+    model, tokenizer = load_base(args.model, args.method, args.dtype)
+    train_rows, val_rows, task = sft_rows(args)
+    return train_sft(model, tokenizer, train_rows, args, val_rows, score=task.score if task is not None else None)
+
+
+def run_dpo(args: DPOArgs) -> TrainResult:
+    """Settings, base model and preference rows from ``args``, then :func:`~lorakit.train.train_dpo`
+    (what ``lorakit train --dpo`` runs)."""
+    if not args.train_file:
+        raise ValueError("DPO needs train_file: a JSONL file of {prompt, chosen, rejected} rows")
+    if args.method == "full":
+        raise ValueError("method='full' has no adapter to disable for the reference; use lora or qlora for DPO")
+    process_settings(args.threads, args.seed)
+    model, tokenizer = load_base(args.model, args.method, args.dtype)
+    train_rows, val_rows = load_splits(args.train_file, args.val_file, val_fraction=args.val_fraction,
+                                       seed=args.seed, skip_bad=args.skip_bad_rows, formats=["preference"])
+    return train_dpo(model, tokenizer, train_rows, args, val_rows)
