@@ -104,6 +104,14 @@ def test_full_finetune_baseline(tmp_path, tiny_model_dir):
     assert (tmp_path / "run" / "model" / "config.json").is_file()
 
 
+def _batch():
+    ids = torch.randint(0, 96, (2, 9))
+    labels = ids.clone()
+    labels[:, :4] = -100
+    labels[1, 7:] = -100
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
 def test_gradient_checkpointing_gives_the_same_lora_grads():
     grads = []
     for checkpointing in (False, True):
