@@ -8,22 +8,25 @@ Everything process-wide a run changes is set here, grouped, and nowhere in the l
 from __future__ import annotations
 
 import random
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..allocator import keep_freed_memory
 from ..data import load_splits
-from ..models import load_model
-from ..tasks import Task, get_task, make_split
+from ..data.prepare import prepare_sft_data
+from ..data.prompt_format import save_prompt_format
 from ..fields import ConfigError
+from ..models import load_model
 from .args import DPOArgs, SFTArgs
 from .common import TrainResult
 from .dpo import train_dpo
 from .sft import train_sft
 
-__all__ = ["run_sft", "run_dpo", "process_settings", "load_base", "sft_rows", "seed_everything"]
+__all__ = ["run_sft", "run_dpo", "process_settings", "load_base", "seed_everything"]
 
 
 def seed_everything(seed: int) -> None:
@@ -56,26 +59,21 @@ def load_base(model: str, method: str, dtype: str) -> tuple[nn.Module, Any]:
     return base, tokenizer
 
 
-def sft_rows(args: SFTArgs) -> tuple[list[dict], list[dict], Task | None]:
-    """``(train_rows, val_rows, task)``: from ``args.train_file`` (task None) or a built-in task's split."""
-    if args.train_file:
-        train, val = load_splits(args.train_file, args.val_file, val_fraction=args.val_fraction, seed=args.seed,
-                                 skip_bad=args.skip_bad_rows)
-        return train, val, None
-    if args.task is None:
-        raise ConfigError("no data: set task (a built-in task) or train_file (a JSONL file)")
-    task = get_task(args.task)
-    train, val = make_split(task, args.n_train, args.n_eval, seed=args.seed)
-    return train, val, task
-
-
 def run_sft(args: SFTArgs) -> TrainResult:
-    """Settings, base model and data from ``args``, then :func:`~lorakit.train.train_sft` (what ``lorakit train``
-    and ``lorakit demo`` run). A built-in task also gets exact-match accuracy before and after training."""
+    """Data, settings and base model from ``args``, then :func:`~lorakit.train.train_sft` (what ``lorakit train``
+    and ``lorakit demo`` run). The data is read and checked before the model loads
+    (:func:`lorakit.data.prepare.prepare_sft_data`, which says what it held out); the held-out rows are scored
+    with ``args.metric`` before and after training, and the adapter records the prompt format."""
+    if not args.train_file and args.task is None:
+        raise ConfigError("no data: set task (a built-in task) or train_file (a JSONL file)")
+    data = prepare_sft_data(args, log=tqdm.write)
     process_settings(args.threads, args.seed)
     model, tokenizer = load_base(args.model, args.method, args.dtype)
-    train_rows, val_rows, task = sft_rows(args)
-    return train_sft(model, tokenizer, train_rows, args, val_rows, score=task.score if task is not None else None)
+    result = train_sft(model, tokenizer, data.train_rows, args, data.val_rows, score=data.metric)
+    for written in (result.adapter_dir, Path(args.output_dir) / "best"):  # how eval / generate / chat prompt it
+        if written is not None and written.is_dir():
+            save_prompt_format(written, data.prompt_format)
+    return result
 
 
 def run_dpo(args: DPOArgs) -> TrainResult:
