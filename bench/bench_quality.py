@@ -28,13 +28,9 @@ import torch.nn.functional as F
 import lorakit
 from lorakit.data import SFTDataset, collate_sft
 from lorakit.evaluate import exact_match
+from lorakit.losses import sft_loss
 from lorakit.tasks import get_task, make_split
 from lorakit.train.common import cosine_schedule
-
-try:
-    from lorakit.losses import sft_loss
-except ImportError:  # before the losses moved out of lorakit.train
-    from lorakit.train.common import sft_loss
 
 
 def _batch_indices(micro: int, n: int, batch: int, seed: int) -> list[int]:
