@@ -30,6 +30,7 @@ bench: $(STAMP)
 	$(PY) bench/bench_qlora.py
 	$(PY) bench/bench_sft.py
 	$(PY) bench/bench_optim.py
+	$(PY) bench/bench_quality.py
 
 clean:
 	rm -rf $(VENV) runs
