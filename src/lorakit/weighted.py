@@ -33,6 +33,7 @@ from .adapters import set_adapter
 from .config import LoraConfig
 from .inject import adapter_configs, add_adapter, lora_layers
 from .modules_to_save import ModulesToSave
+from . import registry
 from .targets import DEFAULT_TARGETS, expanded_target_modules
 
 __all__ = ["add_weighted_adapter", "COMBINATION_TYPES"]
@@ -96,7 +97,7 @@ def add_weighted_adapter(model: nn.Module, adapters: list[str], weights: list[fl
     config.init_lora_weights = True  # never re-run OLoRA/PiSSA on the base
     config.target_modules = _union_targets(model, configs, adapters)
     holders = {path for path, layer in lora_layers(model).items() if any(a in layer.lora_A for a in adapters)}
-    active = list(model.__dict__.get("lorakit_active", []))
+    active = list(registry.active_names(model))
     first = next(layer for layer in lora_layers(model).values() if adapters[0] in layer.lora_A)
     add_adapter(model, config, adapter_name, dtype=first.lora_A[adapters[0]].weight.dtype)
     created = {path for path, layer in lora_layers(model).items() if adapter_name in layer.lora_A}
