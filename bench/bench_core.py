@@ -1,18 +1,20 @@
 """lorakit vs PEFT, side by side in one process, on SmolLM2-135M-Instruct (fp32, CPU).
 
 Each comparison alternates lorakit and PEFT runs (and the limit) and reports medians, so machine noise hits both
-alike. One JSON line per comparison: name, lorakit_s, peer_s, ratio (lorakit / peer) and, for training steps,
-vs_limit (lorakit / limit), where the limit is the same model with every weight frozen and only input gradients on
-(forward + backward through the activations, no LoRA): no LoRA training step can be cheaper. The main rows use
-transformers' loss on every side; ``..._training_loss`` repeats dropout 0 with lorakit's training step (``sft_loss``
-+ ``recompute_cheap_activations``) against a limit computing that same loss.
+alike. One JSON line per comparison: name, cpu (the CPU's model name), lorakit_s, peer_s, ratio (lorakit / peer)
+and, for training steps, vs_limit (lorakit / limit), where the limit is the same model with every weight frozen
+and only input gradients on (forward + backward through the activations, no LoRA), through stock PyTorch: no LoRA
+training step can be cheaper. The main rows use transformers' loss on every side; ``..._training_loss`` repeats
+dropout 0 with lorakit's training step (``sft_loss`` + ``recompute_cheap_activations``) against a limit computing
+that same loss.
 
-lorakit's LoRA layers run their float32 products through oneDNN (``lorakit.cpu_matmul``: about 2x MKL's sgemm on
-AMD cores), so a step can undercut the limit as defined above, which uses torch's stock matmul. Each training row
-therefore also reports ``vs_limit_same_matmul``: the limit with its frozen linears (all but the output head, as
-for lorakit) computing through the same kernels, so that ratio is the cost of LoRA alone. The q_proj/v_proj row
-applies ``lorakit.fast_frozen_linears`` (every frozen linear, head included, through oneDNN) and compares with a
-limit whose every linear does the same.
+lorakit's side is what its training loops run: ``lorakit.accelerate(model)``, which picks the float32 product
+kernels for this machine by measurement (torch's or oneDNN's, ``lorakit/cpu/choice.py``) and, where oneDNN wins,
+routes the frozen linears through it too. The chosen kernels are in each row (``kernels``). Where they are
+oneDNN's, each training row also reports ``vs_limit_same_matmul``: the limit with its frozen linears (all but the
+output head, as for lorakit; all of them in the q_proj/v_proj row) on the same kernels, so that ratio is the cost
+of LoRA alone. ``accelerate`` runs with ``keep_freed_memory=False`` unless ``--keep-freed-memory`` sets it for the
+whole process (every side), since a process-wide malloc setting cannot be compared inside one process.
 
 Usage: python bench/bench_core.py [--repeats 5] [--threads 2] [--batch 4] [--seq 256] [--keep-freed-memory]
 """
@@ -31,7 +33,9 @@ import torch
 
 import lorakit
 from common import alternate, same_matmul_linears
-from lorakit.allocator import keep_freed_memory
+from lorakit.cpu import CpuSettings
+from lorakit.cpu.allocator import keep_freed_memory
+from lorakit.cpu.choice import cpu_name
 from lorakit.optim import build_optimizer
 from lorakit.losses import sft_loss
 
@@ -43,9 +47,16 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
+CPU = cpu_name()
+KERNELS = {"name": None}
+
+
 def report(name: str, ours: float, peer: float, limit: float | None = None, peer_vs_limit: bool = True,
            limit_same: float | None = None) -> None:
-    row = {"name": name, "lorakit_s": round(ours, 4), "peer_s": round(peer, 4), "ratio": round(ours / peer, 3)}
+    row = {"name": name, "cpu": CPU, "lorakit_s": round(ours, 4), "peer_s": round(peer, 4),
+           "ratio": round(ours / peer, 3)}
+    if limit is not None:
+        row["kernels"] = KERNELS["name"]
     if limit is not None:
         row.update(limit_s=round(limit, 4), vs_limit=round(ours / limit, 3))
         if peer_vs_limit:
@@ -83,12 +94,18 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--only", default="", help="comma-separated comparison names")
     parser.add_argument("--keep-freed-memory", action="store_true",
-                        help="lorakit.keep_freed_memory() for the whole process (every side), as lorakit's training "
-                             "loops set it; by default glibc's allocator keeps its defaults")
+                        help="glibc keeps freed memory for the whole process (every side), as lorakit.accelerate sets "
+                             "it in lorakit's training loops; by default glibc's allocator keeps its defaults")
     args = parser.parse_args()
     if args.keep_freed_memory and not keep_freed_memory():
         raise SystemExit("keep_freed_memory() is not available here (glibc Linux only)")
     torch.set_num_threads(args.threads)
+    settings = CpuSettings(keep_freed_memory=False)  # the process-wide part is the --keep-freed-memory flag's
+
+    def accelerate(model):
+        KERNELS["name"] = lorakit.accelerate(model, settings).kernels
+        return model
+
     import peft
 
     base, _ = lorakit.load_model()
@@ -102,47 +119,54 @@ def main() -> None:
     limit_model = copy.deepcopy(base)
     limit_model.enable_input_require_grads()
     limit_step = train_step(limit_model, batch, None)
-    same_model = same_matmul_linears(copy.deepcopy(limit_model))
-    same_step = train_step(same_model, batch, None)
+    accelerate(copy.deepcopy(base))  # the machine's kernel choice (measured once, then cached)
+    onednn = KERNELS["name"] == "onednn"
+    same_model = same_matmul_linears(copy.deepcopy(limit_model)) if onednn else None
+
+    def with_same(sides: dict, same) -> dict:  # the same-matmul limit only where it differs from the limit
+        return {**sides, "limit_same": same} if onednn else sides
 
     for dropout in (0.0, 0.05):
         name = f"train_step_r16_all_linear_dropout{dropout}"
         if not want(name):
             continue
         kw = dict(r=16, lora_alpha=32, lora_dropout=dropout, target_modules="all-linear")
-        ours = lorakit.add_adapter(copy.deepcopy(base), lorakit.LoraConfig(**kw))
+        ours = accelerate(lorakit.add_adapter(copy.deepcopy(base), lorakit.LoraConfig(**kw)))
         theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(task_type="CAUSAL_LM", **kw))
         o1 = build_optimizer("adamw", [p for p in ours.parameters() if p.requires_grad], lr=1e-4)
         o2 = build_optimizer("adamw", [p for p in theirs.parameters() if p.requires_grad], lr=1e-4)
-        t = alternate({"limit": limit_step, "ours": train_step(ours, batch, o1), "peer": train_step(theirs, batch, o2),
-                       "limit_same": same_step},
+        t = alternate(with_same({"limit": limit_step, "ours": train_step(ours, batch, o1),
+                                 "peer": train_step(theirs, batch, o2)},
+                                onednn and train_step(same_model, batch, None)),
                       args.repeats, warmup=3)  # steady state: the first steps of fresh copies fault their memory in
-        report(name, t["ours"], t["peer"], t["limit"], limit_same=t["limit_same"])
+        report(name, t["ours"], t["peer"], t["limit"], limit_same=t.get("limit_same"))
         if dropout == 0.0 and want(name + "_training_loss"):
             # lorakit's own training step (sft_loss: chunked head cross-entropy; recompute_cheap_activations) vs the
             # limit computing the same loss; the peer keeps transformers' loss, as PEFT users run it
             lorakit.recompute_cheap_activations(ours)
-            t = alternate({"limit": lorakit_step(limit_model, batch, None), "ours": lorakit_step(ours, batch, o1),
-                           "peer": train_step(theirs, batch, o2), "limit_same": lorakit_step(same_model, batch, None)},
+            t = alternate(with_same({"limit": lorakit_step(limit_model, batch, None),
+                                     "ours": lorakit_step(ours, batch, o1), "peer": train_step(theirs, batch, o2)},
+                                    onednn and lorakit_step(same_model, batch, None)),
                           args.repeats, warmup=3)
             report(name + "_training_loss", t["ours"], t["peer"], t["limit"], peer_vs_limit=False,
-                   limit_same=t["limit_same"])
+                   limit_same=t.get("limit_same"))
         del ours, theirs, o1, o2
 
-    name = "train_step_r16_q_v_fast_frozen_linears"
+    name = "train_step_r16_q_v_accelerated"
     if want(name):
         # PEFT's default targets for Llama (q_proj, v_proj): most of the model stays frozen nn.Linear layers, which
-        # lorakit.fast_frozen_linears (as lorakit's training loops apply it) computes through oneDNN, head included;
-        # the same-matmul limit then covers every linear, head included
+        # accelerate routes through oneDNN (head included) where that is this machine's choice; the same-matmul
+        # limit then covers every linear, head included
         kw = dict(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"])
-        ours = lorakit.fast_frozen_linears(lorakit.add_adapter(copy.deepcopy(base), lorakit.LoraConfig(**kw)))
+        ours = accelerate(lorakit.add_adapter(copy.deepcopy(base), lorakit.LoraConfig(**kw)))
         theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(task_type="CAUSAL_LM", **kw))
         o1 = build_optimizer("adamw", [p for p in ours.parameters() if p.requires_grad], lr=1e-4)
         o2 = build_optimizer("adamw", [p for p in theirs.parameters() if p.requires_grad], lr=1e-4)
-        same_all = same_matmul_linears(copy.deepcopy(limit_model), head=True)
-        t = alternate({"limit": limit_step, "ours": train_step(ours, batch, o1), "peer": train_step(theirs, batch, o2),
-                       "limit_same": train_step(same_all, batch, None)}, args.repeats, warmup=3)
-        report(name, t["ours"], t["peer"], t["limit"], limit_same=t["limit_same"])
+        same_all = same_matmul_linears(copy.deepcopy(limit_model), head=True) if onednn else None
+        t = alternate(with_same({"limit": limit_step, "ours": train_step(ours, batch, o1),
+                                 "peer": train_step(theirs, batch, o2)}, onednn and train_step(same_all, batch, None)),
+                      args.repeats, warmup=3)
+        report(name, t["ours"], t["peer"], t["limit"], limit_same=t.get("limit_same"))
         del ours, theirs, o1, o2, same_all
 
     kw = dict(r=16, lora_alpha=32, target_modules="all-linear")

@@ -26,13 +26,20 @@ import json
 import torch
 
 import lorakit
-from lorakit.quant import NF4Linear, cpu_kernels, dequantize_4bit, double_dequantize, double_quantize, quantize_4bit
+from lorakit.cpu import CpuSettings
+from lorakit.cpu import kernels as cpu_kernels
+from lorakit.cpu.choice import cpu_name
+from lorakit.quant import NF4Linear, dequantize_4bit, double_dequantize, double_quantize, quantize_4bit
 from lorakit.losses import sft_loss
 
 from common import alternate, child_memory, peak_rss, reset_peak_rss
 
 
+CPU = cpu_name()
+
+
 def emit(**row):
+    row = {"name": row.pop("name"), "cpu": CPU, **row}
     print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
 
 
@@ -72,6 +79,7 @@ def main() -> None:
     kw = KW
     ours, theirs = build_ours(), build_peer()
     fp32 = lorakit.recompute_cheap_activations(lorakit.add_adapter(copy.deepcopy(base), lorakit.LoraConfig(**kw)))
+    lorakit.accelerate(fp32, SETTINGS)
     del base
     packed_bytes = sum(b.numel() * b.element_size() for m in ours.modules() if isinstance(m, NF4Linear)
                        for b in m.buffers())
@@ -133,9 +141,13 @@ def _base_rel_err(fast, exact, prompt) -> float:
 KW = dict(r=16, lora_alpha=32, target_modules="all-linear")
 
 
+SETTINGS = CpuSettings(keep_freed_memory=False)  # what lorakit's loops do, less the process-wide malloc setting
+
+
 def build_ours(recompute: bool = True, compute_dtype: torch.dtype = torch.float32):
     ours, _ = lorakit.load_model(quantization="nf4", compute_dtype=compute_dtype)
     lorakit.add_adapter(ours, lorakit.LoraConfig(**KW))
+    lorakit.accelerate(ours, SETTINGS)  # the kernels lorakit's training loops choose on this machine
     return lorakit.recompute_cheap_activations(ours) if recompute else ours
 
 

@@ -45,9 +45,7 @@ def _batch_indices(micro: int, n: int, batch: int, seed: int) -> list[int]:
 def _lorakit_side(base, config):
     model = lorakit.add_adapter(copy.deepcopy(base), config)
     lorakit.recompute_cheap_activations(model, strict=False)
-    speed = getattr(lorakit, "fast_frozen_linears", None)
-    if speed is not None:
-        speed(model)
+    lorakit.accelerate(model)  # as lorakit's training loops
     return model
 
 

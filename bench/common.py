@@ -61,10 +61,10 @@ def child_memory(script: str, side: str, args) -> dict:
 
 
 def same_matmul_linears(model: torch.nn.Module, head: bool = False) -> torch.nn.Module:
-    """Make the frozen ``nn.Linear`` layers of ``model`` (its output head only if ``head``) compute through
-    ``lorakit.cpu_matmul`` as lorakit's LoRA layers do (``lorakit.fast_frozen_linears``), for a limit that differs
-    from lorakit's step only by LoRA."""
-    lorakit.fast_frozen_linears(model)
+    """Make the frozen ``nn.Linear`` layers of ``model`` (its output head only if ``head``) compute through oneDNN
+    as an accelerated lorakit model does where oneDNN is the machine's choice (``lorakit.cpu.fast_frozen_linears``),
+    for a limit that differs from lorakit's step only by LoRA."""
+    lorakit.cpu.fast_frozen_linears(model)
     if not head:
-        lorakit.stop_fast_frozen_linears(model.get_output_embeddings())
+        lorakit.cpu.stop_fast_frozen_linears(model.get_output_embeddings())
     return model

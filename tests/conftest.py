@@ -15,6 +15,16 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _cpu_backend_as_before():
+    """A test that calls lorakit.accelerate leaves the process's CPU kernel choice as it found it."""
+    from lorakit.cpu import CPU
+
+    before = CPU.snapshot()
+    yield
+    CPU.use(*before)
+
+
 @pytest.fixture
 def tiny_llama():
     return make_tiny_llama()

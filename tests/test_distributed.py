@@ -15,11 +15,13 @@ from lorakit_testing import make_tiny_llama
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 
 
-def _model():
+def _model(worker=False):
     model = make_tiny_llama(0)
     lorakit.add_adapter(model, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
                                                   init_lora_weights=False))
-    return lorakit.fast_frozen_linears(model)
+    if worker:  # as lorakit's loops (malloc kept, adapter gradients into kept memory), with oneDNN routing
+        lorakit.accelerate(model, lorakit.cpu.CpuSettings(onednn="on", threads=1))
+    return model
 
 
 def _batch(rank):
@@ -35,9 +37,7 @@ def _worker(rank, port, out_dir, wrapper):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
-        torch.set_num_threads(1)
-        lorakit.keep_freed_memory()  # as lorakit's loops: adapter gradients written into kept memory (grad_memory)
-        model = _model()
+        model = _model(worker=True)
         if wrapper == "ddp":
             run = torch.nn.parallel.DistributedDataParallel(model)
         else:

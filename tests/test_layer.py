@@ -127,3 +127,32 @@ def test_runs_under_cpu_autocast_like_trl():
         out = layer(x)
     expected = layer.base_layer(x) + 2.0 * x @ layer.lora_A["a"].weight.T @ layer.lora_B["a"].weight.T
     torch.testing.assert_close(out.float(), expected, atol=0.1, rtol=0.05)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_down_projection_keeps_the_low_precision_input_with_the_same_gradients(dtype):
+    from lorakit.layer import down_projection
+
+    x = torch.randn(2, 5, 12).to(dtype).requires_grad_()
+    A = torch.randn(3, 12, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.dtype) or t, lambda t: t):
+        out = down_projection(x, A)
+    ref = torch.nn.functional.linear(x.to(torch.float32), A)
+    assert out.dtype == torch.float32 and torch.equal(out, ref)
+    assert torch.float32 in saved and saved.count(dtype) == 1 and len(saved) == 2  # x in its dtype, and A
+    g = torch.randn_like(out)
+    for got, want in zip(torch.autograd.grad(out, (x, A), g), torch.autograd.grad(ref, (x, A), g)):
+        assert got.dtype == want.dtype and torch.equal(got, want)
+
+
+def test_down_projection_under_autocast_follows_autocast():
+    from lorakit.layer import down_projection
+
+    x = torch.randn(4, 12, dtype=torch.bfloat16, requires_grad=True)
+    A = torch.randn(3, 12, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = down_projection(x, A)
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert x.grad.dtype == torch.bfloat16 and A.grad.dtype == torch.float32

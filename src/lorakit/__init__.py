@@ -12,9 +12,8 @@ from .adapters import (
     trainable_parameters,
     unmerge_adapter,
 )
-from .allocator import keep_freed_memory
 from .config import LoraConfig
-from .fast_linears import fast_frozen_linears, stop_fast_frozen_linears
+from .cpu import accelerate, restore
 from .inject import adapter_configs, add_adapter, lora_layers, merge_and_unload, unload
 from .layer import LoraLinear
 from .merge import MergeReport, save_merged, verify_merge
@@ -25,7 +24,7 @@ from .recompute import recompute_cheap_activations, stop_recomputing
 from .save_base import save_with_adapters
 from .streamed_merge import merge_to_disk
 from .weighted import add_weighted_adapter
-from . import optim, quant  # noqa: E402  (subpackages used as lorakit.optim / lorakit.quant)
+from . import cpu, optim, quant  # noqa: E402  (subpackages used as lorakit.cpu / lorakit.optim / lorakit.quant)
 
 __version__ = "0.1.0"
 
@@ -35,9 +34,11 @@ __all__ = [
     "LoraLinear",
     "MergeReport",
     "TrainableReport",
+    "accelerate",
     "active_adapters",
     "adapter_configs",
     "adapter_state_dict",
+    "cpu",
     "add_adapter",
     "add_weighted_adapter",
     "delete_adapter",
@@ -56,9 +57,7 @@ __all__ = [
     "quant",
     "print_trainable_parameters",
     "recompute_cheap_activations",
-    "fast_frozen_linears",
-    "keep_freed_memory",
-    "stop_fast_frozen_linears",
+    "restore",
     "save_adapter",
     "save_merged",
     "save_with_adapters",

@@ -123,6 +123,7 @@ def _load(ns: argparse.Namespace):
         lorakit.set_adapter(model, [] if ns.active == "none" else ns.active.split(","))
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    lorakit.accelerate(model)  # the CPU backend's kernels for this machine (See lorakit/cpu/accelerate.py)
     return model.eval(), tokenizer
 
 

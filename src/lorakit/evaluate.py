@@ -14,7 +14,6 @@ from tqdm.auto import tqdm
 
 from .adapters import active_adapters, merge_adapter, unmerge_adapter
 from .base import is_quantized
-from .cpu_matmul import no_grad_linears
 from .data import SFTDataset, collate_sft, encode_prompt
 from .losses import sft_loss
 from .tasks import row_answer, score_exact
@@ -66,10 +65,8 @@ def generate_answers(model: nn.Module, tokenizer: Any, prompts: Sequence[Any], b
                 n = len(encoded[i])
                 ids[row, width - n:] = torch.tensor(encoded[i])
                 mask[row, width - n:] = 1
-            with no_grad_linears():  # the model's own float32 linears and head through oneDNN (lorakit.cpu_matmul)
-                out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                     max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
-                                     eos_token_id=stop)
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                 max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad, eos_token_id=stop)
             for row, i in enumerate(idx):
                 answers[i] = tokenizer.decode(out[row, width:], skip_special_tokens=True).strip()
     finally:
@@ -109,8 +106,7 @@ def validation_loss(model: nn.Module, tokenizer: Any, rows: Sequence[dict] | SFT
         for start in range(0, len(data), batch_size):
             batch = collate_sft([data[i] for i in range(start, min(start + batch_size, len(data)))], pad)
             batch = {k: v.to(device) for k, v in batch.items()}
-            with no_grad_linears():
-                loss_sum, n = sft_loss(model, batch)
+            loss_sum, n = sft_loss(model, batch)
             total, count = total + loss_sum.item(), count + n
     finally:
         model.train(was_training)

@@ -3,7 +3,10 @@
 Note: one layer for every base
     The LoRA branch never asks what the base is: it calls ``self.base_layer(x)`` and adds the low-rank update.
     Quantization lives in the base layer; merging goes through :mod:`lorakit.base` (``dense_weight`` /
-    ``set_dense_weight``), so a quantized base is dequantized, updated and re-quantized by its own code.
+    ``set_dense_weight``), so a quantized base is dequantized, updated and re-quantized by its own code. Before
+    that, ``forward`` makes one call: it asks the backend of ``x``'s device for a fused path
+    (:func:`lorakit.backend.lora_forward`; the CPU one fuses base and adapter into one autograd node), and runs
+    the generic path when the answer is None. See Note: backends under the core.
 
 Note: cheap dropout
     PEFT applies ``nn.Dropout`` to the layer input, drawing an (tokens, in_features) mask in every wrapped layer;
@@ -29,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import backend
 from .base import QuantizedBase, base_shape, dense_weight, is_quantized, set_dense_weight
-from .fused import down_projection, lora_linear
 
 __all__ = ["LoraLinear"]
 
@@ -118,35 +121,26 @@ class LoraLinear(nn.Module):
     # --- forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fast = self._fused_adapter(x)
-        if fast is not None:  # See Note: fused dense LoRA (lorakit.fused)
-            A, B = self.lora_A[fast].weight, self.lora_B[fast].weight
-            base = self.base_layer
-            if type(base) is nn.Linear:
-                return lora_linear(x, base.weight, base.bias, A, B, self.scaling[fast], self.lora_dropout[fast],
-                                   self.training)
-            bias = None if base.bias is None else base.bias.to(x.dtype)
-            matmul = base.multiplier() if callable(getattr(base, "multiplier", None)) else None
-            return lora_linear(x, None, bias, A, B, self.scaling[fast], self.lora_dropout[fast], self.training,
-                               dequantize=base.dequantizer(), matmul=matmul)
+        fused = backend.lora_forward(self, x)  # the device's fused path, or None
+        if fused is not None:
+            return fused
         result = self.base_layer(x)
         if self.disabled:
             return result
         for name in self.active_adapters:
             if name in self.merged_adapters:
                 continue
-            A = self.lora_A[name].weight
-            B = self.lora_B[name].weight
-            xa = down_projection(x, A)  # (..., r) in A's dtype; See Note: float32 adapters on a low-precision base
+            xa = down_projection(x, self.lora_A[name].weight)  # See Note: float32 adapters on a low-precision base
             p = self.lora_dropout[name]
             if p and self.training:
                 xa = F.dropout(xa, p, training=True)  # See Note: cheap dropout
-            result = _add_low_rank(result, xa, B, self.scaling[name])
+            result = _add_low_rank(result, xa, self.lora_B[name].weight, self.scaling[name])
         return result
 
-    def _fused_adapter(self, x: torch.Tensor) -> str | None:
-        """The one unmerged active adapter when the base is a plain ``nn.Linear`` of ``x``'s dtype, or a quantized
-        base computing in ``x``'s dtype, else None."""
+    def fusable_adapter(self, x: torch.Tensor) -> str | None:
+        """The adapter a backend may fuse with the base for input ``x``: the one active adapter when it is unmerged,
+        its weights have ``x``'s dtype, the layer is enabled and autocast is off; else None. Backends check the
+        base themselves."""
         if self.disabled or len(self.active_adapters) != 1:
             return None
         if torch.is_autocast_enabled(x.device.type):  # autocast picks per-op dtypes; the generic path follows them
@@ -154,12 +148,7 @@ class LoraLinear(nn.Module):
         name = self.active_adapters[0]
         if name in self.merged_adapters or self.lora_A[name].weight.dtype != x.dtype:
             return None
-        base = self.base_layer
-        if type(base) is nn.Linear:
-            return name if base.weight.dtype == x.dtype else None
-        if callable(getattr(base, "dequantizer", None)) and getattr(base, "compute_dtype", None) == x.dtype:
-            return name
-        return None
+        return name
 
     # --- merge
 
@@ -340,3 +329,35 @@ def _add_low_rank(result: torch.Tensor, xa: torch.Tensor, B: torch.Tensor, scali
     shape = result.shape
     out = torch.addmm(result.reshape(-1, shape[-1]), xa.reshape(-1, xa.shape[-1]), B.t(), alpha=scaling)
     return out.view(shape)  # (..., out)
+
+
+class _DownProjection(torch.autograd.Function):
+    """``x.to(A.dtype) @ Aᵀ`` keeping ``x`` in its own dtype for backward (the cast is redone there)."""
+
+    @staticmethod
+    def forward(ctx, x, lora_A):
+        ctx.save_for_backward(x, lora_A)
+        return F.linear(x.to(lora_A.dtype), lora_A)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, lora_A = ctx.saved_tensors
+        grad_x = (grad @ lora_A).to(x.dtype) if ctx.needs_input_grad[0] else None
+        grad_A = None
+        if ctx.needs_input_grad[1]:
+            grad_A = grad.reshape(-1, grad.shape[-1]).t() @ x.reshape(-1, x.shape[-1]).to(lora_A.dtype)
+        return grad_x, grad_A
+
+
+def down_projection(x: torch.Tensor, lora_A: torch.Tensor) -> torch.Tensor:
+    """``A x`` in ``lora_A``'s dtype, as ``F.linear(x.to(A.dtype), A)`` gives it.
+
+    Note: float32 adapters on a low-precision base
+        Autograd would keep the float32 copy of ``x`` that the cast makes (twice the bytes of a bfloat16 ``x``, in
+        every adapted layer); this node keeps ``x`` itself and casts again in backward. Same values, same
+        gradients; with ``recompute_cheap_activations`` the kept ``x`` is often a rebuilt norm output, so nothing
+        of its size is kept at all.
+    """
+    if x.dtype == lora_A.dtype or not torch.is_grad_enabled() or torch.is_autocast_enabled(x.device.type):
+        return F.linear(x.to(lora_A.dtype), lora_A)  # (autocast picks its own dtypes)
+    return _DownProjection.apply(x, lora_A)

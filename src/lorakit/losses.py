@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.cpu_matmul import linear, matmul
+from lorakit.backend import linear, matmul
 from lorakit.data.sft import IGNORE_INDEX
 
 __all__ = ["masked_ce_loss", "sequence_logps", "dpo_loss", "labelled_losses", "sft_loss", "token_logps",
@@ -225,7 +225,7 @@ class _HeadCrossEntropy(torch.autograd.Function):
         for start in range(0, n, rows):
             end = min(n, start + rows)
             h, t = hidden[start:end], targets[start:end]
-            logits = linear(h, weight, bias)  # See Note: why not torch.mm for float32 on CPU (lorakit.cpu_matmul)
+            logits = linear(h, weight, bias)  # the device backend's chosen kernel
             logp = torch.log_softmax(logits.float(), dim=-1)  # (chunk, vocab), the chunk's only big block
             losses[start:end] = -logp.gather(1, t[:, None]).squeeze(1)
             if need_grad:

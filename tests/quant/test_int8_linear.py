@@ -63,7 +63,7 @@ def test_forward_and_input_grad(compute_dtype):
     y = layer(x)
     assert y.dtype == torch.float32 and y.shape == (2, 3, 20)
     w = layer.dequantize()
-    # float32 products go through oneDNN (lorakit.cpu_matmul): same arithmetic, another summation order
+    # float32 products go through the CPU backend's chosen kernel: same arithmetic, another summation order
     tol = dict(rtol=1e-5, atol=1e-6) if compute_dtype == torch.float32 else dict(rtol=0, atol=0)
     torch.testing.assert_close(y, (F.linear(x.detach().to(compute_dtype), w) + linear.bias.to(compute_dtype)).float(),
                                **tol)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.graph import saved_tensors_hooks
 
-from lorakit.quant import cpu_kernels
+from lorakit.cpu import kernels as cpu_kernels
 from lorakit.quant.nf4 import dequantize_4bit, double_dequantize, quantize_4bit
 from lorakit.quant.nf4_linear import NF4Linear
 

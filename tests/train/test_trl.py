@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from lorakit import LoraConfig, add_adapter, fast_frozen_linears, load_model
+from lorakit import LoraConfig, accelerate, add_adapter, load_model
+from lorakit.cpu import CpuSettings
 
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
@@ -22,14 +23,14 @@ def _common(tmp_path):
                 logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, seed=0, lr_scheduler_type="constant")
 
 
-@pytest.mark.parametrize("targets", ["all-linear", "q_proj,v_proj + fast_frozen_linears"])
+@pytest.mark.parametrize("targets", ["all-linear", "q_proj,v_proj + accelerate (oneDNN routing)"])
 def test_sft_trainer_trains_only_lora(tmp_path, tiny_model_dir, targets):
     model, tokenizer = load_model(tiny_model_dir)
     if targets == "all-linear":
         add_adapter(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
     else:
         add_adapter(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-        fast_frozen_linears(model)
+        accelerate(model, CpuSettings(onednn="on", keep_freed_memory=False))
     rows = [{"prompt": f"q{i}:", "completion": f" a{i % 4}"} for i in range(16)]
     before = _snapshot(model)
     trainer = trl.SFTTrainer(model=model, args=trl.SFTConfig(max_length=32, **_common(tmp_path)),

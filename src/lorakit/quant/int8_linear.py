@@ -8,8 +8,8 @@ https://arxiv.org/abs/2208.07339): per output row ``r``
 
 As in bitsandbytes, ``W`` is rounded to float16 first, so ``SCB`` holds float16 values and the bytes match
 ``Linear8bitLt(has_fp16_weights=False, threshold=0.0)``. Unlike bitsandbytes' int8 matmul, the forward does not
-quantize activations: it dequantizes the weight to ``compute_dtype`` and multiplies (float32 on x86 through
-``lorakit.cpu_matmul``), so outputs equal ``x · W_hat^T`` up to floating-point rounding. Backward saves only the
+quantize activations: it dequantizes the weight to ``compute_dtype`` and multiplies (through the device
+backend's chosen kernel), so outputs equal ``x · W_hat^T`` up to floating-point rounding. Backward saves only the
 int8 weight and ``SCB``.
 
 State dict (bitsandbytes order): ``weight`` int8 ``(out, in)``, ``bias``, ``SCB`` float32 ``(out,)`` and
@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from lorakit.cpu_matmul import frozen_linear
+from lorakit.base import frozen_product, quantized_product
 
 __all__ = ["Int8Linear", "quantize_int8_rowwise", "dequantize_int8_rowwise"]
 
@@ -55,21 +55,9 @@ def dequantize_int8_rowwise(cb: torch.Tensor, scb: torch.Tensor, dtype: torch.dt
     return (cb * scb.view(-1, 1) * _INV_127).to(dtype)
 
 
-class _Int8Matmul(torch.autograd.Function):
-    """``x @ dequant(CB, SCB)^T`` saving only the int8 weight and row scales; gradient for ``x`` only."""
-
-    @staticmethod
-    def forward(ctx, x, cb, scb):  # noqa: D102
-        ctx.save_for_backward(cb, scb)
-        return frozen_linear(x, dequantize_int8_rowwise(cb, scb, x.dtype))  # float32: oneDNN (lorakit.cpu_matmul)
-
-    @staticmethod
-    def backward(ctx, grad):  # noqa: D102
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            cb, scb = ctx.saved_tensors
-            grad_x = frozen_linear(grad, dequantize_int8_rowwise(cb, scb, grad.dtype).t())  # (..., out) @ (out, in)
-        return grad_x, None, None
+def _int8_matmul(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor) -> torch.Tensor:
+    """``x @ dequant(CB, SCB)ᵀ`` in ``x``'s dtype."""
+    return frozen_product(x, dequantize_int8_rowwise(cb, scb, x.dtype))
 
 
 class Int8Linear(nn.Module):
@@ -126,6 +114,10 @@ class Int8Linear(nn.Module):
         """A function returning what :meth:`dequantize` returns now (it holds today's buffers)."""
         return functools.partial(dequantize_int8_rowwise, self.weight, self.SCB, self.compute_dtype)
 
+    def multiplier(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """A function ``x -> x @ W^T`` (no bias) for ``x`` in ``compute_dtype``, over today's buffers."""
+        return functools.partial(_int8_matmul, cb=self.weight, scb=self.SCB)
+
     @torch.no_grad()
     def set_weight_(self, w: torch.Tensor) -> None:
         """Re-quantize ``w`` ``(out_features, in_features)`` into new ``weight`` / ``SCB`` buffers.
@@ -144,7 +136,8 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(..., in_features)`` -> ``(..., out_features)`` in ``x.dtype``."""
-        y = _Int8Matmul.apply(x.to(self.compute_dtype), self.weight, self.SCB)
+        y = quantized_product(x.to(self.compute_dtype), self.multiplier(),
+                              functools.partial(dequantize_int8_rowwise, dtype=self.compute_dtype), self.weight, self.SCB)
         if self.bias is not None:
             y = y + self.bias.to(self.compute_dtype)
         return y.to(x.dtype)

@@ -26,8 +26,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from lorakit.cpu_matmul import frozen_linear
-from lorakit.quant import cpu_kernels
+from lorakit import backend
+from lorakit.base import frozen_product, quantized_product
 from lorakit.quant.dynamic8 import dynamic_map
 from lorakit.quant.nf4 import BLOCKSIZES, code_4bit, dequantize_4bit, double_dequantize, double_quantize, quantize_4bit
 
@@ -54,9 +54,10 @@ def _code(quant_type: str) -> torch.Tensor:
 
 
 def _dequant(packed: torch.Tensor, absmax: torch.Tensor, nested: torch.Tensor | None, spec: _Spec) -> torch.Tensor:
-    if spec.dtype in (torch.float32, torch.bfloat16) and cpu_kernels.supports(packed, absmax, nested):
-        return cpu_kernels.dequantize(packed, absmax, nested, spec.offset, torch.Size(spec.shape), spec.blocksize,
-                                      _code(spec.quant_type), spec.dtype)  # the same bits, one pass
+    fast = backend.dequantize_4bit(packed, absmax, nested, spec.offset, torch.Size(spec.shape), spec.blocksize,
+                                   _code(spec.quant_type), spec.dtype)  # a native kernel: the same bits, one pass
+    if fast is not None:
+        return fast
     if spec.offset is not None:
         absmax = double_dequantize(absmax, nested, spec.offset)
     return dequantize_4bit(packed, absmax, spec.shape, spec.blocksize, spec.quant_type, spec.dtype)
@@ -65,35 +66,17 @@ def _dequant(packed: torch.Tensor, absmax: torch.Tensor, nested: torch.Tensor | 
 def _matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, nested: torch.Tensor | None,
             spec: _Spec, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """``x @ dequant(W)ᵀ`` for ``x`` ``(..., in)`` in ``spec.dtype``, returned in ``out_dtype`` (default
-    ``spec.dtype``). bfloat16 on a CPU with AVX512-BF16 takes the fused kernel: no dequantized weight is written,
-    and a float32 ``out_dtype`` gets the float32 sums without a bfloat16 rounding between. Anything else
-    dequantizes, multiplies and casts."""
+    ``spec.dtype``). The device's backend may take it with a fused kernel (the CPU one: bfloat16 with AVX512-BF16,
+    no dequantized weight written, and a float32 ``out_dtype`` gets the float32 sums without a bfloat16 rounding
+    between). Otherwise it dequantizes, multiplies and casts."""
     out_dtype = out_dtype or spec.dtype
     x2 = x.reshape(-1, x.shape[-1])
-    if spec.dtype == torch.bfloat16 and cpu_kernels.matmul_fits(x2, spec.shape, spec.blocksize, packed, absmax, nested):
-        y = cpu_kernels.matmul_bf16(x2, packed, absmax, nested, spec.offset, spec.shape, spec.blocksize,
-                                    _code(spec.quant_type), out_dtype)
-        return y.view(*x.shape[:-1], spec.shape[0])
-    return frozen_linear(x, _dequant(packed, absmax, nested, spec)).to(out_dtype)  # float32: oneDNN (cpu_matmul)
-
-
-class _NF4Matmul(torch.autograd.Function):
-    """``x @ dequant(W)^T`` that saves only the 4-bit weight and its scales for backward; no weight gradient."""
-
-    @staticmethod
-    def forward(ctx, x, packed, absmax, nested, spec, out_dtype):  # noqa: D102
-        ctx.spec = spec
-        ctx.save_for_backward(packed, absmax, nested)
-        return _matmul(x, packed, absmax, nested, spec, out_dtype)
-
-    @staticmethod
-    def backward(ctx, grad):  # noqa: D102
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            packed, absmax, nested = ctx.saved_tensors
-            w = _dequant(packed, absmax, nested, ctx.spec)
-            grad_x = frozen_linear(grad.to(ctx.spec.dtype), w.t())  # (..., out) @ (out, in)
-        return grad_x, None, None, None, None, None
+    if spec.dtype == torch.bfloat16:
+        y = backend.matmul_4bit(x2, packed, absmax, nested, spec.offset, spec.shape, spec.blocksize,
+                                _code(spec.quant_type), out_dtype)
+        if y is not None:
+            return y.view(*x.shape[:-1], spec.shape[0])
+    return frozen_product(x, _dequant(packed, absmax, nested, spec)).to(out_dtype)
 
 
 class NF4Linear(nn.Module):
@@ -239,10 +222,10 @@ class NF4Linear(nn.Module):
         spec = self._spec(self.compute_dtype)
         xc = x.to(self.compute_dtype)
         out_dtype = torch.float32 if x.dtype == torch.float32 else self.compute_dtype  # See _matmul: no extra rounding
-        if xc.requires_grad and torch.is_grad_enabled():
-            y = _NF4Matmul.apply(xc, self.weight, self.weight_absmax, self.weight_nested_absmax, spec, out_dtype)
-        else:  # nothing to differentiate: no autograd node
-            y = _matmul(xc, self.weight, self.weight_absmax, self.weight_nested_absmax, spec, out_dtype)
+        multiply = functools.partial(_matmul, packed=self.weight, absmax=self.weight_absmax,
+                                     nested=self.weight_nested_absmax, spec=spec, out_dtype=out_dtype)
+        y = quantized_product(xc, multiply, functools.partial(_dequant, spec=spec), self.weight, self.weight_absmax,
+                              self.weight_nested_absmax)  # keeps only the 4-bit buffers for backward
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.to(x.dtype)

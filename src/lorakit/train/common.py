@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +15,13 @@ import torch
 from torch import nn
 
 from ..adapters import TrainableReport
+from ..cpu import CpuSettings
+from ..cpu import current as environment_cpu_settings
 from ..optim import build_optimizer
 from ..peft_format import save_adapter
 from ..recompute import recompute_cheap_activations
 
-__all__ = ["TrainResult", "batch_indices", "model_device", "to_device", "save_activation_memory",
+__all__ = ["TrainResult", "cpu_settings", "batch_indices", "model_device", "to_device", "save_activation_memory",
            "optimizer_and_schedule", "cosine_schedule", "save_result", "write_summary", "MetricsLog", "plot_losses"]
 
 
@@ -144,3 +146,9 @@ def plot_losses(history: list[dict], path: Path, title: str) -> Path | None:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def cpu_settings(threads: int) -> CpuSettings:
+    """The environment's CPU settings (``lorakit.cpu``) with a run's thread count (0 keeps the environment's)."""
+    env = environment_cpu_settings()
+    return replace(env, threads=threads or env.threads)

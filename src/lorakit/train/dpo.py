@@ -19,16 +19,15 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..adapters import delete_adapter, disable_adapter, set_adapter, trainable_parameters
-from ..cpu_matmul import no_grad_linears
 from ..data import PreferenceDataset, collate_preference
-from ..fast_linears import fast_frozen_linears
+from ..cpu import accelerate
 from ..inject import adapter_configs, add_adapter
 from ..losses import dpo_loss, token_logps
 from ..peft_format import load_adapter
 from .args import DPOArgs
 from .checkpoints import resume_or_start, save_checkpoint
-from .common import (MetricsLog, TrainResult, batch_indices, model_device, optimizer_and_schedule, plot_losses,
-                     save_activation_memory, save_result, to_device, write_summary)
+from .common import (MetricsLog, TrainResult, batch_indices, cpu_settings, model_device, optimizer_and_schedule,
+                     plot_losses, save_activation_memory, save_result, to_device, write_summary)
 
 __all__ = ["train_dpo", "reference_logps"]
 
@@ -53,7 +52,7 @@ def _reference(model: nn.Module, has_reference_adapter: bool):
 def reference_logps(model: nn.Module, batch: dict[str, torch.Tensor], has_reference_adapter: bool = False
                     ) -> torch.Tensor:
     """Sequence log-probs (2B,) of a collated preference batch under the reference model."""
-    with _reference(model, has_reference_adapter), no_grad_linears():  # base linears through oneDNN (cpu_matmul)
+    with _reference(model, has_reference_adapter):
         return token_logps(model, batch)
 
 
@@ -102,7 +101,7 @@ def train_dpo(model: nn.Module, tokenizer: Any, train_data: Sequence[dict] | Pre
     elif not adapter_configs(model):
         add_adapter(model, args.lora_config())
     save_activation_memory(model, args.gradient_checkpointing, args.recompute_activations)
-    fast_frozen_linears(model)  # the layers target_modules leave out compute through oneDNN too (cpu_matmul)
+    accelerate(model, cpu_settings(args.threads))  # the CPU backend, now with the adapter (lorakit/cpu/accelerate.py)
 
     # --- data
     train_set = train_data if isinstance(train_data, PreferenceDataset) else PreferenceDataset(

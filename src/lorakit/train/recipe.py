@@ -2,7 +2,7 @@
 config, then :func:`~lorakit.train.train_sft` / :func:`~lorakit.train.train_dpo` on what was loaded.
 
 Everything process-wide a run changes is set here, grouped, and nowhere in the loops: the malloc setting
-(:func:`~lorakit.keep_freed_memory`), torch's thread count and the seed.
+and CPU settings (:func:`lorakit.accelerate`: malloc, thread count, kernels) and the seed.
 """
 
 from __future__ import annotations
@@ -15,14 +15,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..allocator import keep_freed_memory
+from ..cpu import accelerate
 from ..data import load_splits
 from ..data.prepare import prepare_sft_data
 from ..data.prompt_format import save_prompt_format
 from ..fields import ConfigError
 from ..models import load_model
 from .args import DPOArgs, SFTArgs
-from .common import TrainResult
+from .common import TrainResult, cpu_settings
 from .dpo import train_dpo
 from .sft import train_sft
 
@@ -35,12 +35,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def process_settings(threads: int, seed: int) -> None:
-    """The process-wide settings of a training run: malloc keeps freed memory (See Note: why a training step pays
-    for page faults), ``threads`` torch threads (0 keeps torch's default), and the seed."""
-    keep_freed_memory()
-    if threads:
-        torch.set_num_threads(threads)
+def process_settings(threads: int, seed: int, model: nn.Module) -> None:
+    """The process-wide settings of a training run: the CPU backend on ``model`` (:func:`lorakit.accelerate`:
+    malloc keeps freed memory, ``threads`` torch threads (0 keeps the environment's / torch's), this machine's
+    kernels), and the seed."""
+    accelerate(model, cpu_settings(threads))
     seed_everything(seed)
 
 
@@ -67,8 +66,8 @@ def run_sft(args: SFTArgs) -> TrainResult:
     if not args.train_file and args.task is None:
         raise ConfigError("no data: set task (a built-in task) or train_file (a JSONL file)")
     data = prepare_sft_data(args, log=tqdm.write)
-    process_settings(args.threads, args.seed)
     model, tokenizer = load_base(args.model, args.method, args.dtype)
+    process_settings(args.threads, args.seed, model)
     result = train_sft(model, tokenizer, data.train_rows, args, data.val_rows, score=data.metric)
     for written in (result.adapter_dir, Path(args.output_dir) / "best"):  # how eval / generate / chat prompt it
         if written is not None and written.is_dir():
@@ -83,8 +82,8 @@ def run_dpo(args: DPOArgs) -> TrainResult:
         raise ValueError("DPO needs train_file: a JSONL file of {prompt, chosen, rejected} rows")
     if args.method == "full":
         raise ValueError("method='full' has no adapter to disable for the reference; use lora or qlora for DPO")
-    process_settings(args.threads, args.seed)
     model, tokenizer = load_base(args.model, args.method, args.dtype)
+    process_settings(args.threads, args.seed, model)
     train_rows, val_rows = load_splits(args.train_file, args.val_file, val_fraction=args.val_fraction,
                                        seed=args.seed, skip_bad=args.skip_bad_rows, formats=["preference"])
     return train_dpo(model, tokenizer, train_rows, args, val_rows)

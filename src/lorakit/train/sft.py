@@ -19,14 +19,14 @@ from ..adapters import trainable_parameters
 from ..data import SFTDataset, collate_sft
 from ..data.prepare import describe_skipped
 from ..evaluate import validation_loss
-from ..fast_linears import fast_frozen_linears
+from ..cpu import accelerate
 from ..inject import adapter_configs, add_adapter
 from ..losses import sft_loss
 from ..scoring import RunScorer
 from .args import SFTArgs
 from .checkpoints import resume_or_start, save_checkpoint
-from .common import (MetricsLog, TrainResult, batch_indices, model_device, optimizer_and_schedule, plot_losses,
-                     save_activation_memory, save_result, to_device, write_summary)
+from .common import (MetricsLog, TrainResult, batch_indices, cpu_settings, model_device, optimizer_and_schedule,
+                     plot_losses, save_activation_memory, save_result, to_device, write_summary)
 
 __all__ = ["train_sft"]
 
@@ -88,7 +88,7 @@ def train_sft(model: nn.Module, tokenizer: Any, train_data: Sequence[dict] | SFT
     elif not adapter_configs(model):
         add_adapter(model, args.lora_config())
     save_activation_memory(model, args.gradient_checkpointing, args.recompute_activations)
-    fast_frozen_linears(model)  # the layers target_modules leave out compute through oneDNN too (cpu_matmul)
+    accelerate(model, cpu_settings(args.threads))  # the CPU backend, now with the adapter (lorakit/cpu/accelerate.py)
     report = trainable_parameters(model)
 
     # --- optimizer and schedule

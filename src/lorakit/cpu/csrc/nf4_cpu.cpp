@@ -1,6 +1,6 @@
 // lorakit CPU kernels for blockwise 4-bit (NF4 / FP4) weights in bitsandbytes' layout, AVX512-BF16.
 //
-// Built on first use by lorakit/quant/cpu_kernels.py (g++, a few hundred milliseconds) and called through ctypes
+// Built on first use by lorakit/cpu/kernels.py (g++, a few hundred milliseconds) and called through ctypes
 // with raw pointers; threads come from ATen's own OpenMP pool (at::parallel_for), so they follow
 // torch.set_num_threads and never oversubscribe the machine.
 //

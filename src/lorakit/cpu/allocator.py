@@ -11,38 +11,30 @@ Note: why a training step pays for page faults
     change on the demo's short batches. Peak memory is unchanged (measured); the process does not shrink after
     its peak.
 
-    ``LORAKIT_KEEP_FREED_MEMORY=0`` leaves malloc alone. Other C libraries (musl, macOS) are left alone too.
+    :func:`lorakit.accelerate` calls it unless its settings say ``keep_freed_memory=False``
+    (``LORAKIT_KEEP_FREED_MEMORY=0``). Other C libraries (musl, macOS) are left alone.
 """
 
 from __future__ import annotations
 
 import ctypes
-import os
 import sys
 
-__all__ = ["freed_memory_kept", "keep_freed_memory"]
+__all__ = ["keep_freed_memory"]
 
 _M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter numbers (malloc.h)
 _M_MMAP_THRESHOLD = -3
 _OUT_OF_REACH = 2**31 - 1  # mallopt takes a C int
-_KEPT = False
 
 
 def keep_freed_memory() -> bool:
     """Set glibc's trim and mmap thresholds out of reach; True if they were set. See Note: why a training step
     pays for page faults."""
-    if os.environ.get("LORAKIT_KEEP_FREED_MEMORY", "1") == "0" or not sys.platform.startswith("linux"):
+    if not sys.platform.startswith("linux"):
         return False
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    global _KEPT
-    _KEPT = mallopt(_M_MMAP_THRESHOLD, _OUT_OF_REACH) == 1 and mallopt(_M_TRIM_THRESHOLD, _OUT_OF_REACH) == 1
-    return _KEPT
-
-
-def freed_memory_kept() -> bool:
-    """Whether :func:`keep_freed_memory` has set malloc's thresholds in this process."""
-    return _KEPT
+    return mallopt(_M_MMAP_THRESHOLD, _OUT_OF_REACH) == 1 and mallopt(_M_TRIM_THRESHOLD, _OUT_OF_REACH) == 1

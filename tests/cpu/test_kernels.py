@@ -6,8 +6,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.fused import lora_linear
-from lorakit.quant import cpu_kernels
+import lorakit
+from lorakit.cpu import CpuSettings
+from lorakit.cpu import kernels as cpu_kernels
+from lorakit.cpu.fused import lora_linear
 from lorakit.quant.nf4 import code_4bit, dequantize_4bit, double_dequantize, double_quantize, quantize_4bit
 from lorakit.quant.nf4_linear import NF4Linear
 
@@ -111,36 +113,22 @@ def test_lora_linear_on_a_bf16_quantized_base_matches_the_unfused_expression():
         torch.testing.assert_close(got.float(), t.grad.float(), rtol=2e-2, atol=2e-2)
 
 
-@pytest.fixture
-def fresh_kernels(monkeypatch):
-    """The kernel module as if never loaded; monkeypatch restores the real state afterwards."""
-    monkeypatch.setattr(cpu_kernels, "_LIB", None)
-    monkeypatch.setattr(cpu_kernels, "_CHECKED", False)
-
-
-def test_env_switch_turns_the_kernels_off(fresh_kernels, monkeypatch):
-    monkeypatch.setenv("LORAKIT_CPU_KERNELS", "0")
-    assert not cpu_kernels.available() and not cpu_kernels.supports(torch.zeros(2))
+def test_settings_turn_the_kernels_off():
     layer = NF4Linear.from_linear(nn.Linear(64, 32), compute_dtype=torch.bfloat16)
+    lorakit.accelerate(layer, CpuSettings(native_kernels=False, keep_freed_memory=False, onednn="off"))
     x = torch.randn(4, 64)
-    expected = F.linear(x.bfloat16(), layer.dequantize()).float() + layer.bias.bfloat16().float()
-    torch.testing.assert_close(layer(x), expected, rtol=1e-2, atol=1e-2)  # the PyTorch path
+    expected = F.linear(x.bfloat16(), layer.dequantize()).float() + layer.bias
+    torch.testing.assert_close(layer(x), expected, rtol=0, atol=0)  # exactly the PyTorch path
 
 
-def test_a_failed_build_warns_and_falls_back(fresh_kernels, monkeypatch, tmp_path):
+def test_a_failed_build_warns_and_falls_back(tmp_path):
     if not cpu_kernels._cpu_supported():
         pytest.skip("the kernels are never built on this CPU")
     bad = tmp_path / "broken.cpp"
     bad.write_text("this is not C++\n")
-    monkeypatch.setattr(cpu_kernels, "_SOURCE", bad)
-    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path / "cache"))
-    monkeypatch.delenv("LORAKIT_CPU_KERNELS", raising=False)
     with pytest.warns(UserWarning, match="native 4-bit CPU kernels unavailable"):
-        assert not cpu_kernels.available()
-    assert list((tmp_path / "cache" / "kernels").iterdir()) == []  # nothing half-written left behind
-    with pytest.raises(RuntimeError, match="available"):
-        cpu_kernels.dequantize(torch.zeros(4, 1, dtype=torch.uint8), torch.ones(1), None, None, torch.Size([8]), 64,
-                               code_4bit("nf4"), torch.float32)
+        assert cpu_kernels.load(bad, tmp_path / "kernels") is None
+    assert list((tmp_path / "kernels").iterdir()) == []  # nothing half-written left behind
 
 
 @needs_kernels

@@ -1,10 +1,11 @@
 """``fast_frozen_linears(model)``: the model's frozen ``nn.Linear`` layers compute through oneDNN (CPU, float32).
 
-lorakit's LoRA layers already multiply through ``lorakit.cpu_matmul`` (See Note: why not ``torch.mm`` for float32
+:func:`lorakit.accelerate` applies it where oneDNN is the faster kernel on this machine (``choice.py``).
+lorakit's LoRA layers already multiply through the chosen kernels (See Note: why not ``torch.mm`` for float32
 on CPU); the layers they do not wrap still take ``F.linear``, MKL's slower path on AMD cores: the output head when
 the loss comes from the model itself (transformers' ``labels=``, as TRL's trainers compute it) and every layer
 outside ``target_modules`` (PEFT's default for Llama wraps only ``q_proj`` and ``v_proj``). This gives each of
-them an instance ``forward`` calling :func:`lorakit.cpu_matmul.frozen_linear`: the same product and input
+them an instance ``forward`` calling oneDNN's :meth:`~lorakit.cpu.matmul.Kernels.frozen_linear`: the same product and input
 gradient, no weight gradient, ``F.linear`` whenever the weight or bias requires grad or the input is not float32
 on an x86 CPU. The module tree, state dict, ``generate`` and saving are unchanged (the class's own ``forward`` is
 untouched); gradient checkpointing recomputes through the same forward. :func:`stop_fast_frozen_linears` removes it.
@@ -17,7 +18,7 @@ import weakref
 import torch
 from torch import nn
 
-from .cpu_matmul import frozen_linear
+from .matmul import onednn
 
 __all__ = ["fast_frozen_linears", "stop_fast_frozen_linears"]
 
@@ -36,7 +37,7 @@ class _FrozenForward:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         module = self._module()
-        return frozen_linear(x, module.weight, module.bias)
+        return onednn().frozen_linear(x, module.weight, module.bias)
 
     def __reduce__(self):
         return _FrozenForward, (self._module(),)

@@ -1,4 +1,5 @@
-"""fast_frozen_linears: the frozen nn.Linear layers give the same outputs and gradients through oneDNN."""
+"""fast_frozen_linears (applied by accelerate where oneDNN is the faster kernel): the frozen nn.Linear layers give
+the same outputs and gradients through oneDNN."""
 
 import copy
 import pickle
@@ -8,11 +9,12 @@ import torch
 from torch import nn
 
 import lorakit
-from lorakit import cpu_matmul
-from lorakit.fast_linears import _FrozenForward
+from lorakit.cpu import CpuSettings, fast_frozen_linears, stop_fast_frozen_linears
+from lorakit.cpu.frozen import _FrozenForward
+from lorakit.cpu.matmul import onednn
 from lorakit_testing import make_tiny_llama
 
-needs_onednn = pytest.mark.skipif(not cpu_matmul.enabled(torch.zeros(1)), reason="needs the oneDNN float32 path")
+needs_onednn = pytest.mark.skipif(not onednn().usable(torch.zeros(1)), reason="needs the oneDNN float32 path")
 
 
 def _qv_model(seed=0):
@@ -36,7 +38,7 @@ def _loss_and_grads(model, ids, checkpointing=False):
 def test_same_loss_and_adapter_grads_as_plain_linears(checkpointing):
     ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
     plain = _qv_model()
-    fast = lorakit.fast_frozen_linears(copy.deepcopy(plain))
+    fast = fast_frozen_linears(copy.deepcopy(plain))
     assert sum(isinstance(m.__dict__.get("forward"), _FrozenForward) for m in fast.modules()) > 0
     assert list(fast.state_dict()) == list(plain.state_dict())
     loss_ref, grads_ref = _loss_and_grads(plain, ids, checkpointing)
@@ -48,21 +50,26 @@ def test_same_loss_and_adapter_grads_as_plain_linears(checkpointing):
 
 
 @needs_onednn
-def test_frozen_layers_run_through_onednn(monkeypatch):
-    model = lorakit.fast_frozen_linears(_qv_model())
-    seen = set()  # the weights the oneDNN op multiplied by (LoRA nodes add their own, so count by weight)
-    real = cpu_matmul._LINEAR
-    monkeypatch.setattr(cpu_matmul, "_LINEAR", lambda *a: seen.add(a[1].data_ptr()) or real(*a))
-    model(input_ids=torch.zeros(1, 5, dtype=torch.long)).logits.sum().backward()
-    unwrapped = {n: m.weight.data_ptr() for n, m in model.named_modules()
+@pytest.mark.parametrize("onednn_setting", ["on", "off"])
+def test_accelerate_routes_the_frozen_layers_only_where_onednn_was_chosen(onednn_setting):
+    model = _qv_model()
+    report = lorakit.accelerate(model, CpuSettings(onednn=onednn_setting, keep_freed_memory=False))
+    routed = {n for n, m in model.named_modules() if isinstance(m.__dict__.get("forward"), _FrozenForward)}
+    unwrapped = {n for n, m in model.named_modules()
                  if type(m) is nn.Linear and not m.weight.requires_grad and not n.endswith("base_layer")}
-    assert "lm_head" in unwrapped and any(n.endswith("k_proj") for n in unwrapped)
-    assert set(unwrapped.values()) <= seen
+    assert report.kernels == ("onednn" if onednn_setting == "on" else "torch")
+    if onednn_setting == "on":
+        assert "lm_head" in unwrapped and any(n.endswith("k_proj") for n in unwrapped) and unwrapped <= routed
+        assert report.frozen_linears_routed == len(routed)
+    else:
+        assert not routed and report.frozen_linears_routed == 0
+    lorakit.restore(model)
+    assert not any(isinstance(m.__dict__.get("forward"), _FrozenForward) for m in model.modules())
 
 
 def test_trainable_weight_falls_back_to_f_linear_with_its_gradient():
     layer = nn.Linear(8, 3)
-    lorakit.fast_frozen_linears(layer)
+    fast_frozen_linears(layer)
     x = torch.randn(5, 8, requires_grad=True)
     layer(x).sum().backward()
     torch.testing.assert_close(layer.weight.grad, x.detach().sum(0).expand(3, 8))
@@ -71,23 +78,23 @@ def test_trainable_weight_falls_back_to_f_linear_with_its_gradient():
 
 def test_bfloat16_input_is_plain_f_linear():
     layer = nn.Linear(8, 3).bfloat16().requires_grad_(False)
-    lorakit.fast_frozen_linears(layer)
+    fast_frozen_linears(layer)
     x = torch.randn(4, 8, dtype=torch.bfloat16)
     assert torch.equal(layer(x), nn.functional.linear(x, layer.weight, layer.bias))
 
 
 def test_twice_is_a_noop_and_stop_restores_the_class_forward():
     model = _qv_model()
-    lorakit.fast_frozen_linears(model)
+    fast_frozen_linears(model)
     forwards = {id(m): m.__dict__.get("forward") for m in model.modules()}
-    lorakit.fast_frozen_linears(model)
+    fast_frozen_linears(model)
     assert forwards == {id(m): m.__dict__.get("forward") for m in model.modules()}
-    lorakit.stop_fast_frozen_linears(model)
+    stop_fast_frozen_linears(model)
     assert not any("forward" in m.__dict__ for m in model.modules())
 
 
 def test_copies_and_pickles_keep_their_own_forward():
-    model = lorakit.fast_frozen_linears(_qv_model())
+    model = fast_frozen_linears(_qv_model())
     ids = torch.randint(0, 64, (1, 6), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         ref = model(input_ids=ids).logits
@@ -101,7 +108,7 @@ def test_copies_and_pickles_keep_their_own_forward():
 def test_before_add_adapter_and_after_unload():
     """Applied first, the wrapped layers keep it as base layers; unload hands them back with the same outputs."""
     ids = torch.randint(0, 64, (1, 7), generator=torch.Generator().manual_seed(3))
-    model = lorakit.fast_frozen_linears(make_tiny_llama(0).requires_grad_(False))
+    model = fast_frozen_linears(make_tiny_llama(0).requires_grad_(False))
     with torch.no_grad():
         base_logits = model(input_ids=ids).logits
     lorakit.add_adapter(model, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
@@ -117,7 +124,7 @@ def test_a_dropped_model_is_freed_without_the_garbage_collector():
     import gc
     import weakref
 
-    model = lorakit.fast_frozen_linears(make_tiny_llama(0))
+    model = fast_frozen_linears(make_tiny_llama(0))
     head = weakref.ref(model.lm_head)
     gc.disable()
     try:

@@ -13,13 +13,14 @@ a dtype cast); bitsandbytes' CPU inference path is a fused C++ kernel. These ker
 
 Built on first use with the system's ``g++`` (under a second) into ``$LORAKIT_CACHE/kernels`` and loaded with
 ctypes; threads come from torch's own pool. Used only on x86-64 Linux CPUs with AVX512-BF16; anywhere else, or
-if the build fails (a warning says why), or with ``LORAKIT_CPU_KERNELS=0``, :func:`available` is False and
-callers keep the PyTorch path.
+if the build fails (a warning says why), :func:`available` is False and the PyTorch path runs. The CPU backend
+asks for them only when its settings allow (``LORAKIT_CPU_KERNELS=0`` turns them off, see ``settings.py``).
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -31,7 +32,10 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["available", "dequantize", "matmul_bf16", "supports"]
+from lorakit.paths import kernels_dir
+from lorakit.quant.nf4 import _signed_map
+
+__all__ = ["available", "cpu_flags", "dequantize", "load", "matmul_bf16", "matmul_fits", "supports"]
 
 _SOURCE = Path(__file__).with_name("csrc") / "nf4_cpu.cpp"
 _FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-ffp-contract=off",
@@ -39,18 +43,23 @@ _FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-ffp-contract=of
 _CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "fma")
 
 
-def _cpu_supported() -> bool:
-    if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
-        return False
+def cpu_flags() -> list[str]:
+    """The CPU's feature flags (``/proc/cpuinfo``; empty where there is none)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
+        return []
+    return next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+
+
+def _cpu_supported() -> bool:
+    if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
         return False
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    flags = cpu_flags()
     return all(f in flags for f in _CPU_FLAGS)
 
 
-def _build(target: Path) -> None:
+def _build(source: Path, target: Path) -> None:
     torch_dir = Path(torch.__file__).parent
     includes = [f"-I{p}" for p in (torch_dir / "include", torch_dir / "include" / "torch" / "csrc" / "api" / "include")]
     libs = [f"-L{torch_dir / 'lib'}", "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{torch_dir / 'lib'}"]
@@ -58,7 +67,7 @@ def _build(target: Path) -> None:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)  # build aside, then rename: never half-written
     os.close(fd)
     try:
-        cmd = [os.environ.get("CXX", "g++"), *_FLAGS, *includes, str(_SOURCE), "-o", tmp, *libs]
+        cmd = [os.environ.get("CXX", "g++"), *_FLAGS, *includes, str(source), "-o", tmp, *libs]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(done.stderr.strip()[-2000:] or f"exit status {done.returncode}")
@@ -68,17 +77,16 @@ def _build(target: Path) -> None:
             os.unlink(tmp)
 
 
-def _library() -> ctypes.CDLL | None:
-    """Build if needed and load; called once, by :func:`available`."""
-    if os.environ.get("LORAKIT_CPU_KERNELS", "1") == "0" or not _cpu_supported():
+def load(source: Path = _SOURCE, directory: Path | None = None) -> ctypes.CDLL | None:
+    """Build ``source`` into ``directory`` (default ``$LORAKIT_CACHE/kernels``) if not built yet, and load it;
+    None (with a warning saying why) where it cannot be built or loaded, or the CPU lacks AVX512-BF16."""
+    if not _cpu_supported():
         return None
-    from lorakit.models import cache_dir
-
-    key = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_FLAGS).encode() + torch.__version__.encode())
-    target = cache_dir() / "kernels" / f"nf4_cpu-{key.hexdigest()[:16]}.so"
+    key = hashlib.sha256(source.read_bytes() + " ".join(_FLAGS).encode() + torch.__version__.encode())
+    target = (directory or kernels_dir()) / f"nf4_cpu-{key.hexdigest()[:16]}.so"
     try:
         if not target.exists():
-            _build(target)
+            _build(source, target)
         lib = ctypes.CDLL(str(target))
     except (OSError, RuntimeError) as e:
         warnings.warn(f"lorakit: native 4-bit CPU kernels unavailable, using the slower PyTorch path ({e}). "
@@ -94,16 +102,14 @@ def _library() -> ctypes.CDLL | None:
     return lib
 
 
-_LIB: ctypes.CDLL | None = None  # the loaded library, once available() has looked
-_CHECKED = False
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    return load()
 
 
 def available() -> bool:
     """Whether the native kernels are built and usable on this machine (built on the first call)."""
-    global _LIB, _CHECKED
-    if not _CHECKED:
-        _LIB, _CHECKED = _library(), True
-    return _LIB is not None
+    return _library() is not None
 
 
 def supports(*tensors: torch.Tensor | None) -> bool:
@@ -119,7 +125,7 @@ def supports(*tensors: torch.Tensor | None) -> bool:
 def _lib() -> ctypes.CDLL:
     if not available():
         raise RuntimeError("lorakit's native CPU kernels are unavailable here; check cpu_kernels.available() first.")
-    return _LIB
+    return _library()
 
 
 def _p(t: torch.Tensor | None) -> int | None:
@@ -131,8 +137,6 @@ def _scale_args(absmax: torch.Tensor, nested: torch.Tensor | None, offset: float
     if nested is None:
         a = absmax.float().contiguous()
         return (_p(a), None, None, None, 0.0), (a,)
-    from lorakit.quant.nf4 import _signed_map
-
     code8 = _signed_map(absmax.device)
     return (None, _p(absmax), _p(code8), _p(nested), float(offset)), (absmax, code8, nested)
 

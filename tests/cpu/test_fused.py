@@ -1,13 +1,24 @@
-"""The fused dense LoRA node gives the same outputs and gradients as plain autograd on the formula."""
+"""The CPU backend's fused LoRA node gives the same outputs and gradients as plain autograd on the formula, with
+torch's kernels and with oneDNN's."""
+
+import functools
 
 import pytest
 import torch
 
-from lorakit.fused import lora_linear
+from lorakit.cpu.fused import lora_linear as _lora_linear
+from lorakit.cpu.matmul import TORCH, onednn
+
+KERNELS = {"torch": TORCH, "onednn": onednn()}
+
+
+@pytest.fixture(params=["torch", "onednn"])
+def lora_linear(request):
+    return functools.partial(_lora_linear, kernels=KERNELS[request.param])
 
 
 @pytest.mark.parametrize("bias", [True, False])
-def test_fused_matches_formula_and_grads(bias):
+def test_fused_matches_formula_and_grads(bias, lora_linear):
     x = torch.randn(2, 5, 12, requires_grad=True)
     W = torch.randn(7, 12)
     b = torch.randn(7) if bias else None
@@ -24,7 +35,7 @@ def test_fused_matches_formula_and_grads(bias):
 
 
 @pytest.mark.parametrize("layout", ["column slice", "transposed"])
-def test_fused_strided_input_matches_float64(layout):
+def test_fused_strided_input_matches_float64(layout, lora_linear):
     """Inputs that are views (a slice of wider activations, a transpose) reach the matmuls with their strides."""
     g = torch.Generator().manual_seed(3)
     shape = (4, 9, 40) if layout == "column slice" else (4, 24, 9)
@@ -45,7 +56,7 @@ def test_fused_strided_input_matches_float64(layout):
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
 
 
-def test_fused_dropout_mask_on_bottleneck_grads():
+def test_fused_dropout_mask_on_bottleneck_grads(lora_linear):
     torch.manual_seed(0)
     x = torch.randn(6, 8, requires_grad=True)
     W, A, B = torch.randn(4, 8), torch.randn(2, 8, requires_grad=True), torch.randn(4, 2, requires_grad=True)
@@ -60,7 +71,7 @@ def test_fused_dropout_mask_on_bottleneck_grads():
         torch.testing.assert_close(got, want)
 
 
-def test_frozen_input_skips_input_grad():
+def test_frozen_input_skips_input_grad(lora_linear):
     x = torch.randn(3, 4)
     A, B = torch.randn(2, 4, requires_grad=True), torch.randn(5, 2, requires_grad=True)
     lora_linear(x, torch.randn(5, 4), None, A, B, 1.0).sum().backward()
@@ -70,6 +81,7 @@ def test_frozen_input_skips_input_grad():
 @pytest.mark.parametrize("kind", ["nf4", "int8"])
 @pytest.mark.parametrize("bias", [True, False])
 def test_quantized_base_takes_the_fused_node_with_the_same_result(kind, bias):
+    """A QuantizedBase needs nothing but its Protocol methods for the fused node."""
     from lorakit import LoraConfig, add_adapter
     from lorakit.quant import quantize_model_
 
@@ -92,36 +104,7 @@ def test_quantized_base_takes_the_fused_node_with_the_same_result(kind, bias):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_down_projection_keeps_the_low_precision_input_with_the_same_gradients(dtype):
-    from lorakit.fused import down_projection
-
-    x = torch.randn(2, 5, 12).to(dtype).requires_grad_()
-    A = torch.randn(3, 12, requires_grad=True)
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.dtype) or t, lambda t: t):
-        out = down_projection(x, A)
-    ref = torch.nn.functional.linear(x.to(torch.float32), A)
-    assert out.dtype == torch.float32 and torch.equal(out, ref)
-    assert torch.float32 in saved and saved.count(dtype) == 1 and len(saved) == 2  # x in its dtype, and A
-    g = torch.randn_like(out)
-    for got, want in zip(torch.autograd.grad(out, (x, A), g), torch.autograd.grad(ref, (x, A), g)):
-        assert got.dtype == want.dtype and torch.equal(got, want)
-
-
-def test_down_projection_under_autocast_follows_autocast():
-    from lorakit.fused import down_projection
-
-    x = torch.randn(4, 12, dtype=torch.bfloat16, requires_grad=True)
-    A = torch.randn(3, 12, requires_grad=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = down_projection(x, A)
-    assert out.dtype == torch.bfloat16
-    out.float().sum().backward()
-    assert x.grad.dtype == torch.bfloat16 and A.grad.dtype == torch.float32
-
-
-def test_fused_node_takes_a_non_contiguous_output_gradient():
+def test_fused_node_takes_a_non_contiguous_output_gradient(lora_linear):
     """Autograd may hand the node a transposed gradient (a transposed use of the output downstream)."""
     g = torch.Generator().manual_seed(4)
     x = torch.randn(12, 24, generator=g, requires_grad=True)
@@ -140,12 +123,13 @@ def test_fused_node_takes_a_non_contiguous_output_gradient():
 def test_lora_model_compiles_with_the_same_loss_and_grads():
     """torch.compile traces the fused node with torch's own ops (the oneDNN op has no lowering for its strides)."""
     import lorakit
+    from lorakit.cpu import CpuSettings
     from lorakit_testing import make_tiny_llama
 
     model = make_tiny_llama(0)
     lorakit.add_adapter(model, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
                                                   init_lora_weights=False))
-    lorakit.fast_frozen_linears(model)
+    lorakit.accelerate(model, CpuSettings(onednn="on", keep_freed_memory=False))  # frozen linears routed too
     ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
     params = [p for p in model.parameters() if p.requires_grad]
     eager = model(input_ids=ids, labels=ids).loss

@@ -1,23 +1,22 @@
-"""grad_buffer: adapter gradients land in the same memory every step, and stay right under accumulation."""
+"""grad_buffer: adapter gradients land in the same memory every step, and stay right under accumulation; whether
+they do follows accelerate's settings, not what ran before in the process."""
 
-import pytest
 import torch
 from torch import nn
 
 import lorakit
-from lorakit.grad_memory import grad_buffer
-from lorakit import allocator
+from lorakit.cpu import CpuSettings
+from lorakit.cpu.grad_memory import drop_grad_memory, grad_buffer, keep_grad_memory
+
+KEEP = CpuSettings(onednn="off", keep_freed_memory=True, reuse_grad_memory=True)
 
 
-@pytest.fixture(autouse=True)
-def kept_memory(monkeypatch):
-    monkeypatch.setattr(allocator, "_KEPT", True)  # as after keep_freed_memory() (training loops call it)
-
-
-def _model():
+def _model(settings=KEEP):
     torch.manual_seed(0)
     m = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 8))
     lorakit.add_adapter(m, lorakit.LoraConfig(r=4, target_modules=["0", "2"], init_lora_weights="gaussian"))
+    if settings is not None:
+        lorakit.accelerate(m, settings)
     return m, [p for p in m.parameters() if p.requires_grad]
 
 
@@ -59,15 +58,41 @@ def test_accumulation_adds_instead_of_overwriting():
         torch.testing.assert_close(p.grad, f + e)
 
 
-def test_off_switch_and_non_parameters(monkeypatch):
+def test_buffer_only_for_parameters_given_memory():
     p = nn.Parameter(torch.zeros(3, 2))
+    assert grad_buffer(p) is None  # no memory given: allocate as torch does
+    keep_grad_memory(p)
     assert grad_buffer(p) is not None and grad_buffer(p).data_ptr() == grad_buffer(p).data_ptr()
     assert grad_buffer(p) is not grad_buffer(p)  # a new tensor object each time over the same memory
-    assert grad_buffer(torch.zeros(3, requires_grad=True)) is None  # not a Parameter
+    keep_grad_memory(t := torch.zeros(3, requires_grad=True))
+    assert grad_buffer(t) is None  # not a Parameter
     p.grad = torch.ones(3, 2)
     assert grad_buffer(p) is None  # accumulating
-    monkeypatch.setenv("LORAKIT_REUSE_GRAD_MEMORY", "0")
-    assert grad_buffer(nn.Parameter(torch.zeros(2))) is None
-    monkeypatch.delenv("LORAKIT_REUSE_GRAD_MEMORY")
-    monkeypatch.setattr(allocator, "_KEPT", False)  # glibc defaults: nothing to gain, see the Note
-    assert grad_buffer(nn.Parameter(torch.zeros(2))) is None
+    p.grad = None
+    drop_grad_memory(p)
+    assert grad_buffer(p) is None
+
+
+def test_the_settings_decide_not_the_process_history():
+    """The same process, the same malloc state: only the settings passed to accelerate differ."""
+    x = torch.randn(5, 16)
+    for settings, reused in ((KEEP, True), (CpuSettings(onednn="off", keep_freed_memory=True,
+                                                        reuse_grad_memory=False), False),
+                             (CpuSettings(onednn="off", keep_freed_memory=False), False), (None, False)):
+        m, params = _model(settings)
+        pointers = []
+        for _ in range(2):
+            m(x).pow(2).sum().backward()
+            pointers.append([p.grad.data_ptr() for p in params])
+            for p in params:
+                p.grad = None
+        memory = [p.__dict__.get("_lorakit_grad_memory") for p in params]
+        assert all((t is not None and t.data_ptr() == q) if reused else t is None
+                   for t, q in zip(memory, pointers[1])), settings
+
+
+def test_restore_takes_the_memory_away():
+    m, params = _model()
+    lorakit.restore(m)
+    m(torch.randn(5, 16)).pow(2).sum().backward()
+    assert all("_lorakit_grad_memory" not in p.__dict__ for p in params)
