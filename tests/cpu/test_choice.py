@@ -47,6 +47,6 @@ def test_model_shapes_count_frozen_and_base_layers_not_adapters():
 @needs_onednn
 def test_measure_returns_both_timings_and_leaves_the_global_rng_alone():
     state = torch.get_rng_state()
-    t_torch, t_onednn = measure([(16, 8, 1)], tokens=8, repeats=1)
+    t_torch, t_onednn = measure([(16, 8, 1)], tokens=8, rounds=2)
     assert t_torch > 0 and t_onednn > 0
     assert torch.equal(torch.get_rng_state(), state)

@@ -5,9 +5,9 @@ Note: chosen by measurement, per machine
     Xeon with AVX-512 MKL runs its own AVX-512 code and oneDNN gained nothing on SmolLM2's adapted layers and
     cost 12% on its frozen ones. So neither is a safe default. :func:`choose` times both kernels on the model's
     own linear shapes (the forward product ``x Wᵀ`` and the input gradient ``g W`` of every distinct weight
-    shape, each weighted by how many layers have it), ``tokens`` rows of input, best of ``repeats`` runs after a
-    warm-up, the two kernels back to back, and keeps oneDNN only when it is at least ``margin`` faster in total,
-    so the choice is never slower than stock torch by more than the timing noise. The result
+    shape, each weighted by how many layers have it), ``tokens`` rows of input, the two kernels back to back in
+    each of several rounds, and keeps oneDNN only when the median per-round ratio says it is at least ``margin``
+    faster, so that neither a busy machine nor one interrupted round makes it slower than stock torch. The result
     is cached as JSON under ``$LORAKIT_CACHE/machine`` keyed by the CPU's model name, the torch version, the
     thread count and the shapes, like the native kernel build: a SmolLM2 model costs about a second once.
     Inputs are drawn from a private generator, so measuring never moves torch's global random state.
@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -79,37 +80,44 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def measure(shapes, tokens: int = 128, repeats: int = 5) -> tuple[float, float]:
+def measure(shapes, tokens: int = 128, rounds: int = 7) -> tuple[float, float]:
     """Seconds of one pass over ``shapes`` (each distinct shape timed once and counted ``layers`` times) with
-    torch's and with oneDNN's kernels: per shape the best of ``repeats`` after a warm-up, the two kernels timed
-    back to back so that a busy machine slows both alike (see the module Note)."""
+    torch's and with oneDNN's kernels, as ``(torch_s, onednn_s)``.
+
+    Each round times every shape with both kernels back to back (in turns: which goes first alternates), so a
+    busy machine slows both alike; the first round only warms caches. ``onednn_s`` is ``torch_s`` times the
+    median over rounds of the per-round ratio, and ``torch_s`` the median per-round pass: a round that another
+    process interrupted moves neither (see the module Note)."""
     g = torch.Generator().manual_seed(0)  # private: torch's global random state is left alone
     kernels = (TORCH, onednn())
-    totals = [0.0, 0.0]
+    operands = [(n, *(torch.randn(*s, generator=g) for s in ((out, inp), (tokens, inp), (tokens, out))))
+                for out, inp, n in shapes]
+    passes, ratios = [], []
     with torch.no_grad():
-        for out, inp, n in shapes:
-            w, x, grad = (torch.randn(*s, generator=g) for s in ((out, inp), (tokens, inp), (tokens, out)))
-            best = [float("inf"), float("inf")]
-            for rep in range(repeats + 1):
-                for i, k in enumerate(kernels):
-                    t = _timed(lambda: (k.linear(x, w), k.matmul(grad, w)))  # forward x Wᵀ, input gradient g W
-                    if rep:  # the first round warms caches and oneDNN's primitive cache
-                        best[i] = min(best[i], t)
-            totals[0] += n * best[0]
-            totals[1] += n * best[1]
-    return totals[0], totals[1]
+        for rnd in range(rounds + 1):
+            totals = [0.0, 0.0]
+            for n, w, x, grad in operands:
+                order = (0, 1) if rnd % 2 else (1, 0)
+                for i in order:
+                    k = kernels[i]
+                    totals[i] += n * _timed(lambda: (k.linear(x, w), k.matmul(grad, w)))  # x Wᵀ and g W
+            if rnd:
+                passes.append(totals[0])
+                ratios.append(totals[1] / totals[0])
+    t_torch = statistics.median(passes)
+    return t_torch, t_torch * statistics.median(ratios)
 
 
 def _cache_file(shapes, threads: int, tokens: int) -> Path:
-    key = json.dumps([cpu_name(), torch.__version__, threads, tokens, shapes])
+    key = json.dumps(["median-of-ratios", cpu_name(), torch.__version__, threads, tokens, shapes])
     return machine_choices_dir() / f"kernels-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
 
 
-def choose(shapes: list[tuple[int, int, int]], margin: float = 0.05, tokens: int = 128, repeats: int = 5,
+def choose(shapes: list[tuple[int, int, int]], margin: float = 0.05, tokens: int = 128, rounds: int = 7,
            measure_fn: Callable[..., tuple[float, float]] = measure, cache: bool = True) -> Choice:
     """oneDNN when it is at least ``margin`` faster than torch on ``shapes`` (see the module Note), else torch.
 
-    ``measure_fn(shapes, tokens, repeats)`` returns ``(torch_s, onednn_s)``; with ``cache`` a result measured
+    ``measure_fn(shapes, tokens, rounds)`` returns ``(torch_s, onednn_s)``; with ``cache`` a result measured
     before on this machine, torch version, thread count and shapes is read back instead of measuring again.
     """
     name = cpu_name()
@@ -122,7 +130,7 @@ def choose(shapes: list[tuple[int, int, int]], margin: float = 0.05, tokens: int
             return Choice(**{**data, "source": "cached"})
         except (OSError, ValueError, TypeError):
             pass
-    t_torch, t_onednn = measure_fn(shapes, tokens, repeats)
+    t_torch, t_onednn = measure_fn(shapes, tokens, rounds)
     kernels = "onednn" if t_onednn < (1 - margin) * t_torch else "torch"
     choice = Choice(kernels, round(t_torch, 5), round(t_onednn, 5), name, "measured")
     if cache:
