@@ -197,6 +197,12 @@ def test_merge_refuses_to_write_a_bad_merge(capsys, monkeypatch, tiny, tmp_path)
     assert err.count("\n") == 1 and "nothing written" in err and "TOO LARGE" in out
 
 
+@pytest.mark.parametrize("n", ["-1", "0", "two"])
+def test_eval_n_must_be_at_least_one(capsys, n):
+    code, _, err = run(capsys, "eval", "--n", n)
+    assert code == 2 and err.count("\n") == 1 and "argument --n" in err  # was: the last row dropped for --n -1
+
+
 # --- train / demo
 
 

@@ -29,6 +29,17 @@ class _UsageError(Exception):
     """A command-line mistake (unknown command or option, bad value); reported in one line, exit status 2."""
 
 
+def _at_least_one(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # argparse prints usage + message and exits; we want one line and a hint
         raise _UsageError(f"{message} (see '{self.prog} --help')")
@@ -58,8 +69,10 @@ def _demo(ns: argparse.Namespace) -> int:
 
     # The demo's validation loss uses 48 of the 200 held-out rows (a forward over all of them costs ~20 s on 2 cores);
     # accuracy is measured on all 200.
+    # Each demo replaces the previous demo's output (overwrite), unless asked to resume it.
     overrides = {"task": "dates", "output_dir": ns.output_dir, "val_loss_rows": 48, "eval_every": 10,
                  **parse_overrides(SFTArgs, ns.set)}
+    overrides.setdefault("overwrite", not overrides.get("resume", False))
     if ns.steps is not None:
         overrides["max_steps"] = ns.steps
     args = SFTArgs(**overrides)
@@ -519,7 +532,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing --output")
 
     p = command("demo", _demo, "LoRA on the date task with the embedded model: accuracy before and after")
-    p.add_argument("--steps", type=int, help="optimizer steps (default: SFTArgs.max_steps)")
+    p.add_argument("--steps", type=_at_least_one, help="optimizer steps (default: SFTArgs.max_steps)")
     p.add_argument("--output-dir", default="runs/demo", help="where the adapter and plot go (default: runs/demo)")
     p.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE", help="other SFTArgs")
 
@@ -532,7 +545,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--columns", metavar="KEY=COLUMN[,KEY=COLUMN]",
                    help="your file's column names, as the columns: mapping of a config (e.g. prompt=query,"
                         "completion=label)")
-    p.add_argument("--n", type=int, help="rows to evaluate (default: every row of --data; 200 of a task, as "
+    p.add_argument("--n", type=_at_least_one, help="rows to evaluate (default: every row of --data; 200 of a task, as "
                    "SFTArgs.n_eval)")
     p.add_argument("--seed", type=int, default=0, help="task split seed (default: 0, as training)")
     p.add_argument("--metric", help="exact (default), contains, normalized, or module:function")

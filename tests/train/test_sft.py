@@ -165,3 +165,13 @@ def test_qlora_method_trains(tmp_path, tiny_model_dir):
     assert (result.adapter_dir / "adapter_config.json").is_file()
     rows = [json.loads(line) for line in result.metrics_path.read_text().splitlines() if '"loss"' in line]
     assert rows[-1]["loss"] < rows[0]["loss"]
+
+
+def test_examples_longer_than_the_models_positions_name_max_length(tmp_path):
+    tokenizer = make_byte_tokenizer()
+    model = make_tiny_llama(vocab_size=len(tokenizer))  # max_position_embeddings=64
+    rows = [{"prompt": "q" * 100, "completion": " a" * 20} for _ in range(4)]
+    args = SFTArgs(batch_size=4, max_steps=1, max_length=256, output_dir=str(tmp_path / "run"), progress=False)
+    with pytest.raises(ValueError, match=r"max_length=256: examples of up to 1\d\d tokens are longer than the "
+                                         r"model's 64 positions .*set max_length to 64 or less"):
+        train_sft(model, tokenizer, rows, args)

@@ -121,7 +121,13 @@ class SFTArgs:
     output_dir: str = "runs/sft"
     """Where the adapter, checkpoints, metrics.jsonl and loss.png go."""
     resume: bool = False
-    """Continue from the latest checkpoint in ``output_dir``."""
+    """Continue the run in ``output_dir`` from its latest checkpoint."""
+    overwrite: bool = False
+    """Start a fresh run in an ``output_dir`` that holds a previous run, removing that run's outputs (without it,
+    a fresh run needs an empty or new ``output_dir``)."""
+    nonfinite: str = "stop"
+    """On a non-finite loss or gradient: ``stop`` (no optimizer step, no adapter written, an error naming the last
+    good checkpoint) or ``skip`` (drop that step's update and go on)."""
     progress: bool = True
     """Show progress bars."""
 
@@ -130,6 +136,10 @@ class SFTArgs:
             setattr(self, key, value)
         if self.method not in ("lora", "qlora", "full"):
             raise ConfigError(f"method={self.method!r}; use 'lora', 'qlora' or 'full'")
+        if self.nonfinite not in ("stop", "skip"):
+            raise ConfigError(f"nonfinite={self.nonfinite!r}; use 'stop' or 'skip'")
+        if self.resume and self.overwrite:
+            raise ConfigError("resume: true and overwrite: true contradict each other; set one")
         if self.dtype not in ("float32", "bfloat16"):
             raise ConfigError(f"dtype={self.dtype!r}; use 'float32' or 'bfloat16'")
         if self.val_file and self.val_fraction:

@@ -8,6 +8,7 @@ PR #4723). The recipe that loads a model from a config and calls this function i
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -25,9 +26,11 @@ from ..inject import adapter_configs, add_adapter
 from ..losses import dpo_loss, token_logps
 from ..peft_format import load_adapter
 from .args import DPOArgs
-from .checkpoints import resume_or_start, save_checkpoint
-from .common import (MetricsLog, TrainResult, batch_indices, cpu_settings, model_device, optimizer_and_schedule,
-                     plot_losses, save_activation_memory, save_result, to_device, write_summary)
+from .checkpoints import RESUME_SETTINGS, checkpoints_of, resume_or_start, save_checkpoint
+from .common import (MetricsLog, NonFiniteError, TrainResult, all_finite, batch_indices, check_positions,
+                     cpu_settings, grad_norm, model_device, nonfinite_message, optimizer_and_schedule, plot_losses,
+                     save_activation_memory, save_result, to_device, write_summary)
+from .run_dir import prepare_output_dir
 
 __all__ = ["train_dpo", "reference_logps"]
 
@@ -83,12 +86,15 @@ def train_dpo(model: nn.Module, tokenizer: Any, train_data: Sequence[dict] | Pre
     Returns:
         A :class:`~lorakit.train.TrainResult` (accuracies are None; ``best_val_loss`` is the DPO loss on the
         validation rows). Metrics per step: loss, reward accuracy, chosen/rejected rewards and margin.
+
+    Raises:
+        ConfigError, CheckpointError, NonFiniteError: as :func:`~lorakit.train.train_sft`.
     """
     started = time.perf_counter()
     if args.method == "full":
         raise ValueError("method='full' has no adapter to disable for the reference; use lora or qlora for DPO")
     out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    run_id = prepare_output_dir(out, args.resume, args.overwrite)
     device = model_device(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
@@ -110,6 +116,8 @@ def train_dpo(model: nn.Module, tokenizer: Any, train_data: Sequence[dict] | Pre
         PreferenceDataset(val_data, tokenizer, args.max_length) if val_data else None)
     if len(train_set) < args.batch_size:
         raise ValueError(f"{len(train_set)} preference rows < batch_size={args.batch_size}; add data or lower it")
+    check_positions(model, max(len(ex["prompt_ids"]) + max(len(ex["chosen_ids"]), len(ex["rejected_ids"]))
+                               for ex in train_set.examples), args.max_length)
     ref_cache: dict[int, torch.Tensor] = {}
     if args.precompute_reference:
         for i in tqdm(range(len(train_set)), desc="reference log-probs", disable=not args.progress):
@@ -120,8 +128,9 @@ def train_dpo(model: nn.Module, tokenizer: Any, train_data: Sequence[dict] | Pre
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, scheduler = optimizer_and_schedule(params, args.optimizer, args.lr, args.weight_decay,
                                                   args.warmup_steps, args.max_steps, args.min_lr_ratio)
-    state, fresh = resume_or_start(out, args.resume, model, optimizer, scheduler)
-    metrics = MetricsLog(out / "metrics.jsonl", fresh=fresh)
+    state = resume_or_start(out, run_id, args.resume, model, optimizer, scheduler,
+                            {k: getattr(args, k) for k in RESUME_SETTINGS})
+    metrics = MetricsLog(out / "metrics.jsonl", keep=state.metrics_lines)
 
     # --- loop
     model.train()
@@ -142,14 +151,25 @@ def train_dpo(model: nn.Module, tokenizer: Any, train_data: Sequence[dict] | Pre
             sums["loss"] += loss.item() / args.grad_accum
             sums["reward_accuracy"] += acc.item() / args.grad_accum
             sums["margin"] += (chosen_r - rejected_r).mean().item() / args.grad_accum
-        if args.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
+        norm = grad_norm(params, args.max_grad_norm)
+        bad = None if math.isfinite(sums["loss"]) and math.isfinite(norm) else \
+            f"loss {sums['loss']:g}, gradient norm {norm:g}"
+        if bad is None:
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if bad is not None and args.nonfinite == "stop" or bad is None and not all_finite(params):
+            last = checkpoints_of(out, run_id)
+            raise NonFiniteError(nonfinite_message(state.step + 1, bad or "the update made weights NaN or infinite",
+                                                   scheduler.get_last_lr()[0], last[-1].name if last else None))
+        if bad is not None:
+            tqdm.write(f"step {state.step + 1}: {bad}; update skipped (nonfinite: skip)")
+        scheduler.step()
         state.step += 1
         state.elapsed += time.perf_counter() - step_start
-        row = {"step": state.step, **sums, "lr": scheduler.get_last_lr()[0], "elapsed_s": state.elapsed}
+        row = {"step": state.step, **sums, "lr": scheduler.get_last_lr()[0], "grad_norm": norm,
+               "elapsed_s": state.elapsed}
+        if bad is not None:
+            row["skipped"] = True
         if val_set is not None and args.eval_every and state.step % args.eval_every == 0:
             row["val_loss"] = _val_dpo(model, val_set, pad, args.beta, has_ref, device)
             if row["val_loss"] < state.best_val_loss:
@@ -162,6 +182,7 @@ def train_dpo(model: nn.Module, tokenizer: Any, train_data: Sequence[dict] | Pre
         bar.update(1)
         bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['reward_accuracy']:.2f}")
         if args.save_every and state.step % args.save_every == 0:
+            state.metrics_lines = metrics.lines
             save_checkpoint(out, state.step, model, optimizer, scheduler, state)
         if args.early_stopping_patience and state.evals_without_improvement >= args.early_stopping_patience:
             break

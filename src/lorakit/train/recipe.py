@@ -24,6 +24,7 @@ from ..models import load_model
 from .args import DPOArgs, SFTArgs
 from .common import TrainResult, cpu_settings
 from .dpo import train_dpo
+from .run_dir import prepare_output_dir
 from .sft import train_sft
 
 __all__ = ["run_sft", "run_dpo", "process_settings", "load_base", "seed_everything"]
@@ -63,6 +64,7 @@ def run_sft(args: SFTArgs) -> TrainResult:
     and ``lorakit demo`` run). The data is read and checked before the model loads
     (:func:`lorakit.data.prepare.prepare_sft_data`, which says what it held out); the held-out rows are scored
     with ``args.metric`` before and after training, and the adapter records the prompt format."""
+    prepare_output_dir(args.output_dir, args.resume, args.overwrite, create=False)  # before the model loads
     if not args.train_file and args.task is None:
         raise ConfigError("no data: set task (a built-in task) or train_file (a JSONL file)")
     data = prepare_sft_data(args, log=tqdm.write)
@@ -82,6 +84,7 @@ def run_dpo(args: DPOArgs) -> TrainResult:
         raise ValueError("DPO needs train_file: a JSONL file of {prompt, chosen, rejected} rows")
     if args.method == "full":
         raise ValueError("method='full' has no adapter to disable for the reference; use lora or qlora for DPO")
+    prepare_output_dir(args.output_dir, args.resume, args.overwrite, create=False)
     model, tokenizer = load_base(args.model, args.method, args.dtype)
     process_settings(args.threads, args.seed, model)
     train_rows, val_rows = load_splits(args.train_file, args.val_file, val_fraction=args.val_fraction,

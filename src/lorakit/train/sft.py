@@ -6,6 +6,7 @@ that loads a model from a config and calls this function is :func:`lorakit.train
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -24,9 +25,11 @@ from ..inject import adapter_configs, add_adapter
 from ..losses import sft_loss
 from ..scoring import RunScorer
 from .args import SFTArgs
-from .checkpoints import resume_or_start, save_checkpoint
-from .common import (MetricsLog, TrainResult, batch_indices, cpu_settings, model_device, optimizer_and_schedule,
-                     plot_losses, save_activation_memory, save_result, to_device, write_summary)
+from .checkpoints import RESUME_SETTINGS, checkpoints_of, resume_or_start, save_checkpoint
+from .common import (MetricsLog, NonFiniteError, TrainResult, all_finite, batch_indices, check_positions,
+                     cpu_settings, grad_norm, model_device, nonfinite_message, optimizer_and_schedule, plot_losses,
+                     save_activation_memory, save_result, to_device, write_summary)
+from .run_dir import prepare_output_dir
 
 __all__ = ["train_sft"]
 
@@ -57,11 +60,18 @@ def train_sft(model: nn.Module, tokenizer: Any, train_data: Sequence[dict] | SFT
     Returns:
         A :class:`TrainResult`. Files in ``args.output_dir``: ``adapter/`` (PEFT format) or ``model/`` (full
         fine-tuning), ``best/`` (lowest validation loss, when evaluating during training), ``checkpoint-<step>/``,
-        ``metrics.jsonl``, ``loss.png``, ``summary.json``.
+        ``metrics.jsonl``, ``loss.png``, ``summary.json``, ``run.json`` (the run's id, which its checkpoints carry).
+
+    Raises:
+        ConfigError: ``output_dir`` holds another run (and neither ``resume`` nor ``overwrite`` is set), or examples
+            are longer than the model's positions.
+        CheckpointError: ``resume`` found no usable checkpoint of this run (each file named).
+        NonFiniteError: a loss, gradient or weight became NaN/inf (with ``nonfinite: stop``, or a weight with either
+            setting); no adapter is written and the checkpoints before that step stay.
     """
     started = time.perf_counter()
     out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    run_id = prepare_output_dir(out, args.resume, args.overwrite)
     device = model_device(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     full = args.method == "full"
@@ -74,6 +84,7 @@ def train_sft(model: nn.Module, tokenizer: Any, train_data: Sequence[dict] | SFT
         tqdm.write(describe_skipped("the training rows (tokenizing)", train_set.skipped))
     if len(train_set) < args.batch_size:
         raise ValueError(f"{len(train_set)} training examples < batch_size={args.batch_size}; add data or lower it")
+    check_positions(model, max(len(ex["input_ids"]) for ex in train_set.examples), args.max_length)
     val_rows = list(val_data) if val_data is not None and not isinstance(val_data, SFTDataset) else []
     val_set = val_data if isinstance(val_data, SFTDataset) else None
     if val_rows:
@@ -95,8 +106,9 @@ def train_sft(model: nn.Module, tokenizer: Any, train_data: Sequence[dict] | SFT
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, scheduler = optimizer_and_schedule(params, args.optimizer, args.lr, args.weight_decay,
                                                   args.warmup_steps, args.max_steps, args.min_lr_ratio)
-    state, fresh = resume_or_start(out, args.resume, model, optimizer, scheduler)
-    metrics = MetricsLog(out / "metrics.jsonl", fresh=fresh)
+    state = resume_or_start(out, run_id, args.resume, model, optimizer, scheduler,
+                            {k: getattr(args, k) for k in RESUME_SETTINGS})
+    metrics = MetricsLog(out / "metrics.jsonl", keep=state.metrics_lines)
     if base_accuracy is not None:
         metrics.write(step=0, score=base_accuracy)
 
@@ -118,16 +130,26 @@ def train_sft(model: nn.Module, tokenizer: Any, train_data: Sequence[dict] | SFT
             loss_sum, _ = sft_loss(model, to_device(batch, device))
             (loss_sum / window_tokens).backward()  # mean over every labelled token of the window
             loss_total += loss_sum.item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm) if args.max_grad_norm else None
-        optimizer.step()
-        scheduler.step()
+        norm = grad_norm(params, args.max_grad_norm)
+        loss = loss_total / window_tokens
+        bad = None if math.isfinite(loss) and math.isfinite(norm) else f"loss {loss:g}, gradient norm {norm:g}"
+        if bad is None:
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if bad is not None and args.nonfinite == "stop" or bad is None and not all_finite(params):
+            last = checkpoints_of(out, run_id)
+            raise NonFiniteError(nonfinite_message(state.step + 1, bad or "the update made weights NaN or infinite",
+                                                   scheduler.get_last_lr()[0], last[-1].name if last else None))
+        if bad is not None:
+            tqdm.write(f"step {state.step + 1}: {bad}; update skipped (nonfinite: skip)")
+        scheduler.step()
         state.step += 1
         seconds = time.perf_counter() - step_start
         state.elapsed += seconds
-        row = {"step": state.step, "loss": loss_total / window_tokens, "lr": scheduler.get_last_lr()[0],
-               "tokens_per_s": n_tokens / seconds, "grad_norm": float(grad_norm) if grad_norm is not None else None,
-               "elapsed_s": state.elapsed}
+        row = {"step": state.step, "loss": loss, "lr": scheduler.get_last_lr()[0], "tokens_per_s": n_tokens / seconds,
+               "grad_norm": norm, "elapsed_s": state.elapsed}
+        if bad is not None:
+            row["skipped"] = True
         if val_set is not None and args.eval_every and state.step % args.eval_every == 0:
             row["val_loss"] = validation_loss(model, tokenizer, val_set)
             if row["val_loss"] < state.best_val_loss:
@@ -142,6 +164,7 @@ def train_sft(model: nn.Module, tokenizer: Any, train_data: Sequence[dict] | SFT
         bar.update(1)
         bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.1e}", tok_s=f"{row['tokens_per_s']:.0f}")
         if args.save_every and state.step % args.save_every == 0:
+            state.metrics_lines = metrics.lines
             save_checkpoint(out, state.step, model, optimizer, scheduler, state)
         if args.early_stopping_patience and state.evals_without_improvement >= args.early_stopping_patience:
             tqdm.write(f"early stop at step {state.step}: no better validation loss in "
