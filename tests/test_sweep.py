@@ -9,6 +9,20 @@ import lorakit.train
 from lorakit.cli import main
 from lorakit.sweep import format_table, sweep
 
+@pytest.fixture
+def tiny_model_dir(tmp_path):
+    """The shared tiny Llama with 256 positions: the date prompts (~150 tokens) do not fit its usual 64, which
+    training now refuses (max_length beyond the model's positions)."""
+    from lorakit_testing import make_byte_tokenizer, make_tiny_llama
+
+    tokenizer = make_byte_tokenizer()
+    model = make_tiny_llama(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, initializer_range=0.3,
+                            max_position_embeddings=256)
+    model.save_pretrained(tmp_path / "tiny-base")
+    tokenizer.save_pretrained(tmp_path / "tiny-base")
+    return tmp_path / "tiny-base"
+
+
 TINY = dict(task="dates", n_train=16, n_eval=2, max_steps=2, batch_size=2, max_length=160, warmup_steps=0,
             eval_every=0, progress=False, r=4, lora_alpha=8)
 
