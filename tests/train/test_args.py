@@ -17,6 +17,7 @@ def test_yaml_and_overrides_give_floats_for_exponent_numbers(tmp_path):
     ("r: 2.5\n", "c.yaml: r=2.5: expected a whole number (got a fraction; use 2 or 3)"),
     ("batch_size: true\n", "c.yaml: batch_size=True: expected a whole number"),
     ("lr: .inf\n", "c.yaml: lr=inf must be a finite number greater than 0"),
+    ("lr: 1e10\n", "c.yaml: lr=10000000000.0 must be a finite number greater than 0 and at most 1"),  # collapsed the adapter
     ("lr: 1e10x\n", "c.yaml: lr='1e10x': expected a number"),
     ("max_grad_norm: -1\n", "c.yaml: max_grad_norm=-1.0 must be a finite number at least 0"),
     ("lora_alpha: .nan\n", "c.yaml: lora_alpha=nan must be a finite number greater than 0"),

@@ -151,7 +151,7 @@ class SFTArgs:
                      "save_every", "threads", "seed"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}={getattr(self, name)!r} must be 0 or more")
-        check_range("lr", self.lr, low=0, low_open=True, fix="a LoRA run usually takes 1e-4 to 2e-3")
+        check_range("lr", self.lr, low=0, low_open=True, high=1, fix="a LoRA run usually takes 1e-4 to 2e-3 (Adam steps each weight by about lr: above 1 training diverges)")
         check_range("lora_alpha", self.lora_alpha, low=0, low_open=True, fix="a common choice is 2 × r")
         check_range("lora_dropout", self.lora_dropout, low=0, high=1, high_open=True)
         check_range("min_lr_ratio", self.min_lr_ratio, low=0, high=1)
