@@ -65,3 +65,14 @@ def test_leftovers_of_dead_processes_are_removed(tmp_path):
     mine.mkdir()  # a writer still running keeps its folder
     assert [p.name for p in remove_leftovers(tmp_path)] == left
     assert os.listdir(tmp_path) == [mine.name]
+
+
+def test_discard_removes_files_and_directories_leaving_nothing(tmp_path):
+    from lorakit.atomic import discard
+
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "x").write_text("x")
+    (tmp_path / "f").write_text("f")
+    discard(tmp_path / "d")
+    discard(tmp_path / "f")
+    assert os.listdir(tmp_path) == []

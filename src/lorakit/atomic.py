@@ -18,7 +18,7 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_dir", "atomic_write_bytes", "atomic_write_text", "remove_leftovers", "TEMP_PREFIX"]
+__all__ = ["atomic_dir", "discard", "atomic_write_bytes", "atomic_write_text", "remove_leftovers", "TEMP_PREFIX"]
 
 #: Prefix of every temporary sibling lorakit creates; followed by the writer's pid.
 TEMP_PREFIX = ".lorakit-tmp-"
@@ -142,9 +142,22 @@ def remove_leftovers(parent: str | os.PathLike) -> list[Path]:
         pid = entry.name[len(TEMP_PREFIX):].split("-", 1)[0]
         if pid.isdigit() and _alive(int(pid)):
             continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            entry.unlink(missing_ok=True)
+        _delete(entry)
         removed.append(entry)
     return removed
+
+
+def _delete(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def discard(path: str | os.PathLike) -> None:
+    """Delete ``path`` (file or directory) after renaming it to a hidden temporary sibling, so a kill in between
+    never leaves part of it under its own name (:func:`remove_leftovers` finishes the job)."""
+    path = Path(path)
+    aside = _temp_sibling(path)
+    os.rename(path, aside)
+    _delete(aside)

@@ -9,13 +9,12 @@ absent) directory, or ``overwrite: true``, which removes the previous run's outp
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import shutil
 import time
 from pathlib import Path
 
-from ..atomic import TEMP_PREFIX, atomic_write_text, remove_leftovers
+from ..atomic import atomic_write_text, discard, remove_leftovers
 from ..fields import ConfigError
 
 __all__ = ["prepare_output_dir", "read_run_id", "remove_run_outputs", "RUN_FILE", "OUTPUT_NAMES"]
@@ -60,12 +59,7 @@ def remove_run_outputs(out: Path) -> list[str]:
     for name in _visible(out):
         if not _is_output(name):
             continue
-        aside = out / f"{TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(4)}-{name}"  # see lorakit.atomic
-        (out / name).rename(aside)
-        if aside.is_dir() and not aside.is_symlink():
-            shutil.rmtree(aside, ignore_errors=True)
-        else:
-            aside.unlink(missing_ok=True)
+        discard(out / name)
         removed.append(name)
     return removed
 
